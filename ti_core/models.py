@@ -1,0 +1,205 @@
+"""Loading a Stable Diffusion model (SD1, SD2, SDXL) into one bundle the rest of ti_core uses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be loaded; the message names it and says why."""
+
+
+@dataclass
+class TextEncoder:
+    """One CLIP text encoder with its tokenizer, under the key its embedding tensor is stored with."""
+
+    key: str
+    tokenizer: Any
+    model: Any
+
+    @property
+    def width(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def token_table(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+
+@dataclass
+class TIModel:
+    """The parts of a Stable Diffusion model that textual inversion uses."""
+
+    architecture: str  # "sd1" | "sd2" | "sdxl"
+    encoders: list[TextEncoder]
+    unet: Any
+    vae: Any
+    scheduler: Any
+    source: str
+    name: str
+    file_path: Path | None = None
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def resolution(self) -> int:
+        """The native training/preview resolution in pixels."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {encoder.key: encoder.width for encoder in self.encoders}
+
+    @property
+    def tokenizer(self):
+        return self.encoders[0].tokenizer
+
+    def sha256(self) -> str | None:
+        """SHA-256 of the checkpoint file (what the web UIs show as the model hash), computed once."""
+        if self._sha256 is None and self.file_path is not None and self.file_path.is_file():
+            digest = hashlib.sha256()
+            with open(self.file_path, "rb") as handle:
+                while chunk := handle.read(1 << 22):
+                    digest.update(chunk)
+            self._sha256 = digest.hexdigest()
+        return self._sha256
+
+    def shorthash(self) -> str | None:
+        full = self.sha256()
+        return full[:10] if full else None
+
+    def pipeline(self):
+        """A diffusers pipeline over the same modules (no copies), for rendering previews."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if self.architecture == "sdxl":
+            (clip_l, clip_g) = self.encoders
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=clip_l.model,
+                text_encoder_2=clip_g.model,
+                tokenizer=clip_l.tokenizer,
+                tokenizer_2=clip_g.tokenizer,
+                unet=self.unet,
+                scheduler=self.scheduler,
+            )
+        (encoder,) = self.encoders
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=encoder.model,
+            tokenizer=encoder.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def architecture_of(pipeline) -> str:
+    """sd1, sd2 or sdxl, from a loaded diffusers pipeline."""
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        return "sdxl"
+    width = pipeline.text_encoder.get_input_embeddings().weight.shape[1]
+    if width in (768, 1024):
+        return "sd1" if width == 768 else "sd2"
+    # Tiny test models: SD2's UNet is the one with linear projections in its transformer blocks.
+    return "sd2" if pipeline.unet.config.get("use_linear_projection") else "sd1"
+
+
+def from_pipeline(pipeline, source: str, file_path: Path | None = None) -> TIModel:
+    """Wrap a diffusers StableDiffusion(XL)Pipeline."""
+    architecture = architecture_of(pipeline)
+    if architecture == "sdxl":
+        encoders = [
+            TextEncoder("clip_l", pipeline.tokenizer, pipeline.text_encoder),
+            TextEncoder("clip_g", pipeline.tokenizer_2, pipeline.text_encoder_2),
+        ]
+    else:
+        key = "clip_h" if architecture == "sd2" else "clip_l"
+        encoders = [TextEncoder(key, pipeline.tokenizer, pipeline.text_encoder)]
+    for module in [pipeline.unet, pipeline.vae, *(encoder.model for encoder in encoders)]:
+        module.requires_grad_(False)
+        module.eval()
+    return TIModel(
+        architecture=architecture,
+        encoders=encoders,
+        unet=pipeline.unet,
+        vae=pipeline.vae,
+        scheduler=pipeline.scheduler,
+        source=source,
+        name=Path(source).stem if file_path else Path(source.rstrip("/\\")).name,
+        file_path=file_path,
+    )
+
+
+def _pipeline_class(folder: Path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    class_name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+    return StableDiffusionXLPipeline if "XL" in class_name else StableDiffusionPipeline
+
+
+def load_model(
+    source: str | Path,
+    *,
+    config: str | Path | None = None,
+    prediction_type: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> TIModel:
+    """Load a diffusers folder, a single-file checkpoint (.safetensors/.ckpt) or, online, a hub id.
+
+    ``config`` overrides the diffusers-format config folder used for single files (the built-in
+    SD1/SD2/SDXL skeletons by default); ``prediction_type`` ("epsilon" or "v_prediction") overrides
+    what the checkpoint implies.
+    """
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ModelLoadError(f"prediction type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
+    path = Path(source)
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"{path}: not a model checkpoint (expected .safetensors or .ckpt)")
+        from .single_file import load_single_file
+
+        pipeline = load_single_file(path, config=config, prediction_type=prediction_type, dtype=dtype)
+        return from_pipeline(pipeline, str(path), file_path=path)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
+        pipeline_class = _pipeline_class(path)
+        extra = {} if pipeline_class.__name__.endswith("XLPipeline") else {"safety_checker": None}
+        try:
+            pipeline = pipeline_class.from_pretrained(path, local_files_only=True, torch_dtype=dtype, **extra)
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"{path}: cannot load the diffusers folder: {error}") from error
+    elif path.exists() or "/" not in str(source) or str(source).count("/") != 1:
+        raise ModelLoadError(f"{source}: no such model file or folder (give a .safetensors/.ckpt file, a diffusers folder or a hub id)")
+    else:
+        pipeline = _from_hub(str(source), dtype)
+    if prediction_type:
+        pipeline.scheduler.register_to_config(prediction_type=prediction_type)
+    return from_pipeline(pipeline, str(source))
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype, safety_checker=None)
+    except Exception as error:  # hub errors have many types (offline, gated, missing)
+        raise ModelLoadError(f"{repo_id}: cannot load from the hub: {error}") from error
