@@ -1,0 +1,141 @@
+"""Embedding names are file stems: anything accepted must be a safe file name inside the embeddings folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ti_core.names import MAX_NAME_LENGTH, embedding_path, validate_name
+
+RESERVED = ["CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("cat-toy", "cat-toy"),
+        ("  my style  ", "my style"),
+        ("my style v2", "my style v2"),
+        ("a.b", "a.b"),
+        ("<cat>"[1:-1], "cat"),
+        ("Émilie_ü_日本", "Émilie_ü_日本"),
+        ("x" * MAX_NAME_LENGTH, "x" * MAX_NAME_LENGTH),
+        ("CONSOLE", "CONSOLE"),
+        ("COM10", "COM10"),
+        ("LPT0", "LPT0"),
+        ("nul-style", "nul-style"),
+    ],
+)
+def test_valid_names(raw, expected):
+    assert validate_name(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("a/b", "path separator"),
+        ("a\\b", "path separator"),
+        ("../escape", "path separator"),
+        ("..", "'..'"),
+        ("a..b", "'..'"),
+        (".hidden", "starts with a dot"),
+        ("tab\there", "control character"),
+        ("new\nline", "control character"),
+        ("nul\x00byte", "control character"),
+        ("del\x7f", "control character"),
+        ("a<b", "Windows"),
+        ("a>b", "Windows"),
+        ("a:b", "Windows"),
+        ('a"b', "Windows"),
+        ("a|b", "Windows"),
+        ("a?b", "Windows"),
+        ("a*b", "Windows"),
+        ("trailing.", "ends with a dot"),
+        ("x" * (MAX_NAME_LENGTH + 1), "limit"),
+        ("日" * 80, "too long"),
+        ("con", "reserved"),
+        ("CON", "reserved"),
+        ("Aux.safetensors", "reserved"),
+        ("nul.tar.gz", "reserved"),
+        ("com1", "reserved"),
+        ("LPT9", "reserved"),
+        ("CON .x", "reserved"),
+        ("COM¹", "reserved"),
+        ("\ud800", "invalid character"),
+    ],
+)
+def test_invalid_names(raw, fragment):
+    with pytest.raises(ValueError, match=None) as caught:
+        validate_name(raw)
+    message = str(caught.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_not_a_string():
+    with pytest.raises(ValueError, match="text"):
+        validate_name(None)  # type: ignore[arg-type]
+
+
+def test_embedding_path(tmp_path):
+    assert embedding_path(tmp_path, " my style ") == tmp_path / "my style.safetensors"
+    assert embedding_path(tmp_path, "cat", ".preview.png") == tmp_path / "cat.preview.png"
+    with pytest.raises(ValueError, match="suffix"):
+        embedding_path(tmp_path, "cat", "/../x")
+    with pytest.raises(ValueError, match="separator"):
+        embedding_path(tmp_path, "../cat")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")
+def test_embedding_path_refuses_a_symlink_out_of_the_folder(tmp_path):
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    (folder / "evil.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(ValueError, match="outside"):
+        embedding_path(folder, "evil")
+    # A symlinked embeddings folder itself is fine.
+    (tmp_path / "linked").symlink_to(folder)
+    assert embedding_path(tmp_path / "linked", "cat") == tmp_path / "linked" / "cat.safetensors"
+
+
+_FOLDER = Path(tempfile.mkdtemp(prefix="ti-names-"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=120), st.text(alphabet="ab .·/\\:*\x00\tCONULP1¹é日", max_size=12)))
+def test_accepted_names_stay_inside_the_folder(raw):
+    try:
+        name = validate_name(raw)
+    except ValueError as error:
+        assert "\n" not in str(error)
+        return
+    assert validate_name(name) == name  # idempotent
+    path = embedding_path(_FOLDER, name)
+    assert path.resolve().parent == _FOLDER.resolve()
+    assert path.stem == name  # the token the web UIs derive from the file name is the name
+    # The OS accepts it as a file name, together with the atomic writer's temp-file decoration.
+    temp = path.with_name(f".{path.name}.0123abcd.tmp")
+    temp.touch()
+    temp.unlink()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(RESERVED),
+    st.lists(st.booleans(), min_size=4, max_size=4),
+    st.sampled_from(["", ".safetensors", ".pt", ".txt.gz", " .png"]),
+)
+def test_reserved_device_names_are_rejected(device, upper, extension):
+    name = (
+        "".join(char.upper() if up else char.lower() for char, up in zip(device, upper + [True], strict=False))
+        + extension
+    )
+    with pytest.raises(ValueError, match="reserved"):
+        validate_name(name)

@@ -1,0 +1,74 @@
+"""Embedding names: the token is the file stem, so a name must be a safe file name on every OS."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+
+MAX_NAME_LENGTH = 100
+# The file name is the name plus a suffix (".safetensors", ".preview.png") and, while the atomic writer
+# runs, a temp prefix/suffix; ext4 and NTFS allow 255 bytes/UTF-16 units per name.
+MAX_NAME_BYTES = 200
+WINDOWS_FORBIDDEN = set('<>:"|?*')
+# Windows reserves these device names in any case and with any extension ("con.safetensors");
+# it also treats the superscript digits ¹²³ as digits here.
+_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
+    f"{device}{digit}" for device in ("COM", "LPT") for digit in "123456789¹²³"
+}
+_SUFFIX = re.compile(r"^(\.[A-Za-z0-9_-]+)+$")
+
+
+def _bad_character(name: str) -> str | None:
+    for char in name:
+        category = unicodedata.category(char)
+        if category == "Cc" or char in "\u2028\u2029":
+            return f"a control character ({ascii(char)})"
+        if category == "Cs":
+            return f"an invalid character ({ascii(char)})"
+        if char in WINDOWS_FORBIDDEN:
+            return f"the character {char!r}, which Windows does not allow in file names"
+    return None
+
+
+def validate_name(name: str) -> str:
+    """The name with surrounding whitespace removed; ValueError (one line) when it cannot be a file stem."""
+    if not isinstance(name, str):
+        raise ValueError(f"embedding name must be text, not {type(name).__name__}")
+    name = name.strip()
+    if not name:
+        raise ValueError("embedding name is empty")
+    shown = ascii(name) if len(name) <= 40 else ascii(name[:40] + "…")
+    if "/" in name or "\\" in name:
+        raise ValueError(f"embedding name {shown} contains a path separator (/ or \\)")
+    if ".." in name:
+        raise ValueError(f"embedding name {shown} contains '..'")
+    if name.startswith("."):
+        raise ValueError(f"embedding name {shown} starts with a dot (a hidden file)")
+    bad = _bad_character(name)
+    if bad:
+        raise ValueError(f"embedding name {shown} contains {bad}")
+    if name.endswith("."):
+        raise ValueError(f"embedding name {shown} ends with a dot, which Windows drops")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"embedding name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ValueError(f"embedding name {shown} is too long as a file name ({MAX_NAME_BYTES} bytes at most)")
+    if name.split(".")[0].rstrip(" ").upper() in _RESERVED:
+        raise ValueError(f"embedding name {shown} is a device name reserved by Windows")
+    return name
+
+
+def embedding_path(embeddings_dir: Path, name: str, suffix: str = ".safetensors") -> Path:
+    """``embeddings_dir / (name + suffix)`` for a valid name; ValueError if it would land outside the folder."""
+    name = validate_name(name)
+    if not _SUFFIX.match(suffix):
+        raise ValueError(f"file suffix must look like '.safetensors', not {suffix!r}")
+    embeddings_dir = Path(embeddings_dir)
+    path = embeddings_dir / f"{name}{suffix}"
+    folder = embeddings_dir.resolve()
+    # resolve() follows a symlink already standing at the target, so a link out of the folder is caught too.
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder):
+        raise ValueError(f"embedding name {name!r} would be saved outside {embeddings_dir}")
+    return path
