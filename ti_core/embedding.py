@@ -28,7 +28,9 @@ class Embedding:
         counts = {tensor.shape[0] for tensor in self.vectors.values()}
         if len(counts) != 1 or any(tensor.ndim != 2 for tensor in self.vectors.values()):
             shapes = {key: tuple(tensor.shape) for key, tensor in self.vectors.items()}
-            raise ValueError(f"embedding {self.name!r}: every encoder needs an [N, width] tensor with the same N: {shapes}")
+            raise ValueError(
+                f"embedding {self.name!r}: every encoder needs an [N, width] tensor with the same N: {shapes}"
+            )
 
     @property
     def num_vectors(self) -> int:

@@ -188,7 +188,9 @@ def load_model(
         except (OSError, ValueError, KeyError) as error:
             raise ModelLoadError(f"{path}: cannot load the diffusers folder: {error}") from error
     elif path.exists() or "/" not in str(source) or str(source).count("/") != 1:
-        raise ModelLoadError(f"{source}: no such model file or folder (give a .safetensors/.ckpt file, a diffusers folder or a hub id)")
+        raise ModelLoadError(
+            f"{source}: no such model file or folder (give a .safetensors/.ckpt file, a diffusers folder or a hub id)"
+        )
     else:
         pipeline = _from_hub(str(source), dtype)
     if prediction_type:

@@ -83,7 +83,11 @@ def _chunks(slots: list[Slot]) -> list[list[Slot]]:
         slot = slots[position]
         run = 1
         if slot.name is not None and slot.index == 0:
-            while position + run < len(slots) and slots[position + run].name == slot.name and slots[position + run].index > 0:
+            while (
+                position + run < len(slots)
+                and slots[position + run].name == slot.name
+                and slots[position + run].index > 0
+            ):
                 run += 1
         current = chunks[-1]
         if len(current) + run > CHUNK_TOKENS and current and run <= CHUNK_TOKENS:
@@ -107,7 +111,9 @@ def tokenize_prompt(tokenizer, prompt: str, vector_counts: Mapping[str, int]) ->
         row = [bos] + [slot.token for slot in chunk] + [eos]
         eos_positions.append(len(row) - 1)
         rows.append(row + [pad] * (CHUNK_TOKENS + 2 - len(row)))
-        splices += [(chunk_index, 1 + i, slot.name, slot.index) for i, slot in enumerate(chunk) if slot.name is not None]
+        splices += [
+            (chunk_index, 1 + i, slot.name, slot.index) for i, slot in enumerate(chunk) if slot.name is not None
+        ]
     return TokenizedPrompt(torch.tensor(rows), splices, eos_positions)
 
 
@@ -207,6 +213,8 @@ def encode_prompts(model, prompts: Sequence[str], embeddings: Sequence | Vectors
     return encode_tokenized(model, tokenize_for_model(model, prompts, counts), vectors)
 
 
-def tokenize_for_model(model, prompts: Sequence[str], vector_counts: Mapping[str, int]) -> dict[str, list[TokenizedPrompt]]:
+def tokenize_for_model(
+    model, prompts: Sequence[str], vector_counts: Mapping[str, int]
+) -> dict[str, list[TokenizedPrompt]]:
     """Each encoder's tokenization of the prompts (SDXL's second tokenizer pads with "!", not EOS)."""
     return {e.key: [tokenize_prompt(e.tokenizer, prompt, vector_counts) for prompt in prompts] for e in model.encoders}

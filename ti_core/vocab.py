@@ -53,7 +53,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def read_vocab(path: Path) -> tuple[dict[str, int], list[str]]:
     """Build CLIP's token -> id table and merge list exactly as OpenAI's SimpleTokenizer does."""
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     tokens = list(bytes_to_unicode().values())
     tokens += [token + "</w>" for token in tokens]

@@ -1,0 +1,88 @@
+"""Looking inside an embedding: its layout, vectors, norms and the vocabulary tokens it is nearest to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .embedding import REAL_WIDTHS, Embedding
+
+
+def file_layout(path: Path) -> str:
+    """A short name for the file's layout, as other tools write it."""
+    suffix = path.suffix.lower()
+    if suffix in (".png", ".webp"):
+        return "a1111-image"
+    if suffix in (".pt", ".bin"):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return "a1111-pt" if isinstance(data, dict) and "string_to_param" in data else "diffusers-bin"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+        tool = (handle.metadata() or {}).get("tool", "")
+    if {"clip_l", "clip_g"} <= keys:
+        return "sdxl (clip_l + clip_g)" + (", ti_core" if tool.startswith("ti_core") else "")
+    if keys == {"emb_params"}:
+        return "emb_params (kohya/A1111)" + (", ti_core" if tool.startswith("ti_core") else "")
+    if keys == {"emp_params"}:
+        return "emp_params (OneTrainer)"
+    return "single tensor (diffusers)" if len(keys) == 1 else f"{len(keys)} tensors"
+
+
+def architecture_guess(embedding: Embedding) -> str:
+    """Which model family an embedding fits, from its keys and real widths."""
+    widths = embedding.widths
+    if set(widths) >= {"clip_l", "clip_g"}:
+        return "sdxl"
+    (width,) = widths.values()
+    return {REAL_WIDTHS["clip_l"]: "sd1", REAL_WIDTHS["clip_h"]: "sd2"}.get(width, f"unknown ({width} wide)")
+
+
+def describe(path: Path, embedding: Embedding) -> dict:
+    """Everything `inspect` shows, JSON-safe."""
+    return {
+        "file": str(path),
+        "token": embedding.name,
+        "format": file_layout(path),
+        "architecture": embedding.metadata.get("architecture") or architecture_guess(embedding),
+        "vectors": embedding.num_vectors,
+        "widths": embedding.widths,
+        "step": embedding.step,
+        "norms": {key: [round(float(n), 4) for n in tensor.norm(dim=1)] for key, tensor in embedding.vectors.items()},
+        "metadata": {key: value for key, value in embedding.metadata.items() if key != "training_settings"},
+        "training_settings": _json_or_none(embedding.metadata.get("training_settings")),
+    }
+
+
+def _json_or_none(text: str | None):
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return text
+
+
+def nearest_tokens(model, embedding: Embedding, count: int = 5) -> dict[str, list[list[tuple[str, float]]]]:
+    """For each vector, the vocabulary tokens with the highest cosine similarity (per encoder)."""
+    result = {}
+    for encoder in model.encoders:
+        vectors = embedding.vectors.get(encoder.key)
+        if vectors is None or vectors.shape[1] != encoder.width:
+            continue
+        table = torch.nn.functional.normalize(encoder.token_table.detach().float(), dim=1)
+        similarity = torch.nn.functional.normalize(vectors.float(), dim=1) @ table.T
+        scores, ids = similarity.topk(count, dim=1)
+        result[encoder.key] = [
+            [
+                (_token_text(encoder.tokenizer, i), round(float(s), 4))
+                for i, s in zip(row_ids.tolist(), row_scores, strict=True)
+            ]
+            for row_ids, row_scores in zip(ids, scores, strict=True)
+        ]
+    return result
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.convert_ids_to_tokens(token_id).replace("</w>", "")
