@@ -17,7 +17,6 @@ import math
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,18 +414,13 @@ def _load_cached(path: Path, shape: tuple[int, ...]) -> dict[str, torch.Tensor] 
 
 
 def _save_cached(path: Path, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Write a cache file atomically (temp file + os.replace), so a crash never leaves a half file."""
+    """Write a cache file atomically, so a crash never leaves a half file."""
     from safetensors.torch import save_file
 
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".latent-", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata={"format": f"ti_core latent cache v{CACHE_VERSION}", "source": source})
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    from .formats import atomic_write
+
+    metadata = {"format": f"ti_core latent cache v{CACHE_VERSION}", "source": source}
+    atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
 
 
 @contextlib.contextmanager
