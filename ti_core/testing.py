@@ -137,3 +137,104 @@ def save_tiny_pipeline(folder: Path, architecture: str = "sd1", prediction_type:
     pipeline = build_tiny_pipeline(architecture, prediction_type)
     pipeline.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Single-file checkpoints in the original LDM/SGM layout (what A1111, Forge and ComfyUI users have)
+
+SINGLE_FILE_FORMATS = ("safetensors", "ckpt")
+
+
+def tiny_ldm_state_dict(pipeline, architecture: str) -> dict[str, torch.Tensor]:
+    """A tiny pipeline's weights under the original single-file key names (SD1 keeps CLIP's position_ids)."""
+    from .ldm_keys import SD1_CLIP_PREFIX, pipeline_to_ldm
+
+    state_dict = pipeline_to_ldm(pipeline, architecture)
+    if architecture == "sd1":  # real SD1 files carry the CLIP position ids buffer
+        state_dict[SD1_CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    return state_dict
+
+
+class _FakeModelCheckpoint:
+    """Looks like pytorch_lightning's ModelCheckpoint callback to pickle (see _LightningModules)."""
+
+    def __init__(self):
+        self.monitor = None
+        self.save_top_k = -1
+        self.dirpath = "logs/checkpoints"
+        self.best_model_path = ""
+        self.kth_value = torch.tensor(float("inf"))
+
+
+class _LightningModules:
+    """Put a synthetic pytorch_lightning.callbacks.model_checkpoint in sys.modules while pickling."""
+
+    NAMES = ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint")
+
+    def __enter__(self):
+        import sys
+        import types
+
+        self.saved = {name: sys.modules.get(name) for name in self.NAMES}
+        modules = [types.ModuleType(name) for name in self.NAMES]
+        modules[0].callbacks = modules[1]
+        modules[1].model_checkpoint = modules[2]
+        cls = type("ModelCheckpoint", (_FakeModelCheckpoint,), {"__module__": self.NAMES[2]})
+        modules[2].ModelCheckpoint = cls
+        sys.modules.update(zip(self.NAMES, modules, strict=True))
+        return cls
+
+    def __exit__(self, *exc):
+        import sys
+
+        for name, module in self.saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def save_ldm_checkpoint(
+    state_dict: dict[str, torch.Tensor], path: Path, fmt: str = "safetensors", legacy: bool = False
+) -> Path:
+    """Write a single-file checkpoint: plain safetensors, or a Lightning-style .ckpt (``legacy``: pre-zip torch format)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({key: value.contiguous() for key, value in state_dict.items()}, str(path), metadata={"format": "pt"})
+    elif fmt == "ckpt":
+        with _LightningModules() as model_checkpoint:
+            checkpoint = {
+                "state_dict": state_dict,
+                "epoch": 1,
+                "global_step": 10,
+                "pytorch-lightning_version": "1.4.2",
+                "callbacks": {model_checkpoint: model_checkpoint()},
+            }
+            try:
+                import numpy
+
+                checkpoint["best_model_score"] = numpy.float64(0.25)  # pickled as numpy...multiarray.scalar
+            except ImportError:
+                pass
+            torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
+    else:
+        raise ValueError(f"fmt must be one of {SINGLE_FILE_FORMATS}, not {fmt!r}")
+    return path
+
+
+def save_tiny_single_file(
+    path: Path, architecture: str = "sd1", prediction_type: str = "epsilon", fmt: str = "safetensors"
+) -> tuple[Path, Path]:
+    """A tiny model as an original-layout single file, and its diffusers folder (the matching ``config``).
+
+    Returns (checkpoint file, diffusers folder); the folder is ``<stem>-diffusers`` beside the file.
+    """
+    path = Path(path)
+    pipeline = build_tiny_pipeline(architecture, prediction_type)
+    folder = path.parent / f"{path.stem}-diffusers"
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    save_ldm_checkpoint(tiny_ldm_state_dict(pipeline, architecture), path, fmt)
+    return path, folder
