@@ -534,3 +534,40 @@ def test_current_model_loads_the_host_checkpoint(monkeypatch, tmp_path, tiny_mod
 
     gc.collect()
     assert backend.loaded_model() is None  # nothing holds it: freed, not cached for good
+
+
+@pytest.mark.parametrize("kind", ["a1111", "forge"])
+def test_a_real_run_through_the_route_lands_in_the_host(host, backend, kind, tmp_path):
+    """ti_core's real trainer on the tiny model, started over the API: the file is written to the web UI's
+    folder, the web UI reloads it after its model is back, and the state shows the job until the end."""
+    from PIL import Image
+
+    from ti_core.formats import load_embedding
+    from ti_core.jobs import current_job
+    from ti_host import routes
+
+    _no_running_job()
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (64, 64), colour).save(images / f"{index}-a {colour} square.png")
+    body = {
+        "name": "e2e",
+        "data": {"images": str(images), "resolution": 64},
+        "steps": 2,
+        "save_every": 0,
+        "preview_every": 0,
+        "preview_steps": 1,  # the final <name>.preview.png; 20 steps of the tiny UNet take seconds on a CPU
+    }
+    status, payload = routes.handle(routes.train, backend, body)
+    assert status == 200, payload
+    job = current_job()
+    assert job.wait(120)
+    snapshot = job.snapshot()
+    assert snapshot["stopped"] == "done", snapshot
+    path = tmp_path / "embeddings" / "e2e.safetensors"
+    assert snapshot["final_path"] == str(path)
+    assert load_embedding(path).step == 2
+    _assert_restored(host, kind)
+    names = host.record.names()
+    assert names.index("reload") > names.index("unload_all_models" if kind == "forge" else "send_model_to_device")
