@@ -571,3 +571,147 @@ def test_a_real_run_through_the_route_lands_in_the_host(host, backend, kind, tmp
     _assert_restored(host, kind)
     names = host.record.names()
     assert names.index("reload") > names.index("unload_all_models" if kind == "forge" else "send_model_to_device")
+
+
+# ---- against a real web UI's source (opt-in) ---------------------------------------------------------
+# WEBUI_DIR=/path/to/stable-diffusion-webui[-forge|-reForge]|automatic python -m pytest tests/test_hosts.py -k real_host
+# Reads the web UI's Python source (ast only: none of its code runs, none of its requirements are needed)
+# and checks that every host API the extension relies on is there with the shape the fakes have.
+
+
+def _real_tree() -> Path:
+    import os
+
+    folder = os.environ.get("WEBUI_DIR")
+    if not folder:
+        pytest.skip("set WEBUI_DIR to a web UI checkout to check its APIs")
+    return Path(folder)
+
+
+def _parse(tree: Path, relative: str):
+    import ast
+
+    path = tree / relative
+    assert path.is_file(), f"{relative} is missing from {tree}"
+    return ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+
+
+def _functions(module) -> dict:
+    import ast
+
+    found = {}
+    for node in ast.walk(module):
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    found[f"{node.name}.{item.name}"] = item
+    for node in module.body:
+        if isinstance(node, ast.FunctionDef):
+            found[node.name] = node
+    return found
+
+
+def _params(function) -> list[str]:
+    arguments = function.args
+    return [a.arg for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]]
+
+
+def _is_stub(function) -> bool:
+    import ast
+
+    body = [n for n in function.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    return all(isinstance(n, ast.Pass) for n in body)
+
+
+def _assigns(module, name: str) -> bool:
+    import ast
+
+    return any(
+        isinstance(node, ast.Assign | ast.AnnAssign)
+        and any(
+            isinstance(t, ast.Name) and t.id == name
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        )
+        for node in module.body
+    )
+
+
+def _defines(module, name: str) -> bool:
+    """A module-level function, assignment or `from x import name` (SD.Next re-exports a lot)."""
+    import ast
+
+    imported = any(
+        isinstance(node, ast.ImportFrom) and any((alias.asname or alias.name) == name for alias in node.names)
+        for node in module.body
+    )
+    return imported or name in _functions(module) or _assigns(module, name)
+
+
+def _real_kind(tree: Path) -> str:
+    if (tree / "installer.py").is_file() and "native" in (tree / "modules" / "shared.py").read_text(errors="replace"):
+        return "sdnext"
+    if (tree / "backend" / "memory_management.py").is_file():
+        return "forge"
+    if (tree / "ldm_patched" / "modules" / "model_management.py").is_file():
+        return "reforge"
+    return "a1111"
+
+
+def test_real_host_apis_match_the_fakes():
+    tree = _real_tree()
+    kind = _real_kind(tree)
+    fake = fake_hosts.build(kind, "model.safetensors", Path(__import__("tempfile").mkdtemp()))
+
+    callbacks = _functions(_parse(tree, "modules/script_callbacks.py"))
+    assert {"on_ui_tabs", "on_ui_settings", "on_app_started"} <= set(callbacks)
+
+    state = _functions(_parse(tree, "modules/shared_state.py"))
+    real_begin = _params(state["State.begin"])[1]
+    assert real_begin == ("title" if kind == "sdnext" else "job")  # we pass it positionally either way
+    assert "State.end" in state and "State.interrupt" in state
+
+    assert _assigns(_parse(tree, "modules/call_queue.py"), "queue_lock")
+
+    sd_models_tree = _parse(tree, "modules/sd_models.py")
+    sd_models = _functions(sd_models_tree)
+    assert _defines(sd_models_tree, "model_data") and _defines(sd_models_tree, "select_checkpoint")
+    fake_sd_models = fake.modules["modules.sd_models"]
+    for name in ("send_model_to_cpu", "send_model_to_device", "unload_model_weights", "reload_model_weights"):
+        assert _defines(sd_models_tree, name) == hasattr(fake_sd_models, name), name
+    if kind in ("forge", "reforge"):
+        # Stubs there: the memory manager is what frees the GPU.
+        assert _is_stub(sd_models["send_model_to_cpu"]) and _is_stub(sd_models["send_model_to_device"])
+        manager = "backend/memory_management.py" if kind == "forge" else "ldm_patched/modules/model_management.py"
+        assert {"unload_all_models", "soft_empty_cache"} <= set(_functions(_parse(tree, manager)))
+    elif kind == "a1111":
+        assert not _is_stub(sd_models["send_model_to_cpu"]) and not _is_stub(sd_models["send_model_to_device"])
+    if "reload_model_weights" in sd_models:
+        assert _params(sd_models["reload_model_weights"])[0] == "sd_model"  # called with no arguments
+
+    database = _functions(_parse(tree, "modules/textual_inversion/textual_inversion.py"))
+    real_reload = _params(database["EmbeddingDatabase.load_textual_inversion_embeddings"])
+    assert "force_reload" in real_reload
+    if kind == "forge":
+        engine = _functions(_parse(tree, "backend/text_processing/textual_inversion.py"))
+        assert _params(engine["EmbeddingDatabase.load_textual_inversion_embeddings"]) == ["self"]
+        assert _assigns(_parse(tree, "modules/ui_extra_networks_textual_inversion.py"), "embedding_db")
+        engines = "\n".join(p.read_text() for p in (tree / "backend" / "diffusion_engine").glob("*.py"))
+        assert "self.text_processing_engine_l = " in engines and "self.text_processing_engine = " in engines
+        hijack = (tree / "modules" / "sd_hijack.py").read_text()
+        assert "embedding_db" not in hijack.split("# import torch")[0]  # Forge's hijack is a stub without one
+    else:
+        assert "embedding_db" in (tree / "modules" / "sd_hijack.py").read_text()
+    if kind == "sdnext":
+        assert "sd_model.embedding_db = " in (tree / "modules" / "sd_models.py").read_text()
+        assert '"embeddings_dir": OptionInfo(' in (tree / "modules" / "shared.py").read_text()
+    else:
+        assert "--embeddings-dir" in (tree / "modules" / "cmd_args.py").read_text()
+
+    options = _functions(_parse(tree, "modules/options.py"))
+    option_params = _params(options["OptionInfo.__init__"])
+    assert option_params[1:5] == ["default", "label", "component", "component_args"] and "section" in option_params
+
+    launch_sources = [tree / "launch.py", tree / "modules" / "launch_utils.py"]
+    launch = "\n".join(p.read_text() for p in launch_sources if p.is_file())
+    assert "def run_pip(" in launch and "def is_installed(" in launch
+    assert "skip_install" in launch
