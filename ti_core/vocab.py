@@ -8,6 +8,7 @@ tokenizer never has to be downloaded.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import html
 import importlib.util
@@ -93,8 +94,12 @@ def _cached_tokenizer(pad_token: str):
 
 
 def clip_tokenizer(pad_token: str = EOS_TOKEN):
-    """A CLIPTokenizer with the real vocabulary. SD1 pads with EOS; SD2 and SDXL's second encoder with "!"."""
-    return _cached_tokenizer(pad_token)
+    """A CLIPTokenizer with the real vocabulary. SD1 pads with EOS; SD2 and SDXL's second encoder with "!".
+
+    Each call returns its own copy: tools such as diffusers' load_textual_inversion add tokens to a
+    tokenizer, which must not leak into other models.
+    """
+    return copy.deepcopy(_cached_tokenizer(pad_token))
 
 
 _WHITESPACE = re.compile(r"\s+")
