@@ -1,0 +1,916 @@
+"""Training: optimise an embedding's vectors against a frozen Stable Diffusion model.
+
+The loop every trainer shares (the paper, diffusers' example, kohya, OneTrainer, A1111): noise a cached
+latent at a uniform random timestep, condition the UNet on a prompt that contains the embedding, and
+minimise the MSE to the noise (or to v). Only the new [N, d] vectors are parameters: they are spliced into
+the token-embedding lookup (ti_core.prompt), so there is no gradient, optimizer state or restore step
+for the 49408-row table, and the UNet, VAE and text encoders are never modified.
+
+Reproducible by construction: the data order is a function of (seed, epoch) and every random draw of a
+step a function of (seed, step), so a run resumed from its saved vectors and optimizer state continues
+exactly as an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .create import create_embedding
+from .data import encode_dataset, load_template, render_prompt, scan_images
+from .embedding import Embedding
+from .formats import atomic_write, load_embedding, save_embedding, save_embedding_to
+from .names import embedding_path
+from .prompt import Conditioning, encode_prompts, encode_tokenized, tokenize_for_model
+from .schedule import learning_rate_at, parse_schedule
+
+CSV_COLUMNS = ("step", "epoch", "loss", "learning_rate", "seconds", "validation_loss")
+CSV_FLUSH_EVERY = 100  # steps; loss.csv is rewritten whole (atomically), so not every step
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: cuda only
+
+
+@dataclass
+class TrainEvent:
+    """A progress report for the callback. kind: start, step, preview, snapshot, validation, done,
+    interrupted or error; fields that do not apply to a kind are None."""
+
+    kind: str
+    step: int
+    total: int
+    loss: float | None = None
+    lr: float | None = None
+    steps_per_second: float | None = None
+    eta_seconds: float | None = None
+    epoch: int | None = None
+    path: Path | None = None
+    image: Any = None  # PIL.Image for "preview"
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended. stopped: "done", "interrupted", "nan" or "error"; the file holds `step`'s vectors."""
+
+    embedding_path: Path | None
+    step: int
+    stopped: str
+    message: str
+    log_dir: Path
+    error: BaseException | None = field(default=None, repr=False)
+
+
+class TrainingLocked(RuntimeError):
+    """Another run is training the same embedding."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(
+    model,
+    config: TrainConfig,
+    callback: Callable[[TrainEvent], None] | None = None,
+    *,
+    cancel=None,
+    accelerator=None,
+) -> TrainResult:
+    """Train `config.name`'s vectors on `model` until step `config.steps`, reporting through `callback`.
+
+    `cancel` (a threading.Event) stops the run after the current step, saving what it has. With an
+    `accelerate` Accelerator each process trains on its share of every batch and the vectors' gradients
+    are averaged, so all processes hold the same vectors; only the main one writes files. On a GPU the
+    frozen UNet and text encoders are cast to the mixed-precision dtype in place (load the model in that
+    dtype to avoid the copy). Setup problems raise; a failure during training is saved and reported in
+    the result.
+    """
+    procs = Processes(accelerator)
+    emit = callback if callback and procs.is_main else lambda event: None
+    run = RunFolder(config, write=procs.is_main)
+    with run.locked(), _training_mode(model, config) as (device, half):
+        # Load: the embedding (new, or resumed at its step) and the VAE latents of the images.
+        embedding = starting_embedding(model, config)
+        start = embedding.step
+        with procs.main_first():  # the main process fills the latent cache; the others then read it
+            dataset = _encode_images(model, config, run, device)
+        template = load_template(config.data.template)
+
+        # Parameters: only the vectors, in float32 whatever the model's dtype.
+        vectors = {
+            key: torch.nn.Parameter(tensor.to(device, torch.float32)) for key, tensor in embedding.vectors.items()
+        }
+
+        # Optimizer, schedule and the fixed parts of the loss.
+        optimizer = _adamw(list(vectors.values()), device)
+        resume_note = run.load_optimizer_state(optimizer, embedding) if config.resume else ""
+        scaler = _grad_scaler(device, enabled=half == torch.float16)
+        schedule = parse_schedule(config.learning_rate)
+        noise_scheduler = _noise_scheduler(model, config)
+        norm_limits = vocabulary_norm_limits(model, config.norm_control)
+        outputs = Outputs(
+            model, config, run, procs, embedding, emit, noise_scheduler,
+            validation=validation_set(dataset, template, config, device) if config.validation_every else [],
+            preview_prompt=config.preview_prompt or _default_preview_prompt(dataset, template, config),
+            half=half,
+        )  # fmt: skip
+        run.begin(start)
+        message = _start_message(config, len(dataset), procs.world, start, resume_note)
+        emit(TrainEvent("start", start, config.steps, message=message))
+        outputs.validate(vectors, start)  # the baseline that later values are compared with
+
+        # The loop: one optimizer step per iteration, over `gradient_accumulation` micro-batches.
+        stream = _micro_batches(dataset, config, procs, skip=start * config.gradient_accumulation)
+        good, good_step, step = _detached(vectors), start, start  # the last finite vectors, saved on any stop
+        clock = Clock(start, config.steps)
+        stopped, message, error = "done", "", None
+        try:
+            while step < config.steps:
+                if procs.any(cancel is not None and cancel.is_set(), device):
+                    stopped = "interrupted"
+                    break
+                lr = learning_rate_at(schedule, step, config.warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = 0.0
+                for micro in range(config.gradient_accumulation):
+                    epoch, batch = next(stream)
+                    noise_rng, prompt_rng = step_generators(config.seed, step, micro, procs.rank, device)
+                    prompts = [_training_prompt(template, config, caption, prompt_rng) for caption in batch.captions]
+                    with _autocast(device, half):
+                        value = batch_loss(model, noise_scheduler, vectors, batch, prompts, noise_rng, config)
+                    scaler.scale(value / config.gradient_accumulation).backward()
+                    loss += value.item() / config.gradient_accumulation
+                loss = procs.mean(loss, device)
+                # Checked before the optimizer step, so a diverged step never reaches the vectors.
+                if not math.isfinite(loss):
+                    stopped, message = "nan", f"the loss became {loss} at step {step + 1}"
+                    break
+                _optimizer_step(optimizer, scaler, vectors, procs, config)
+                control_norms(vectors, norm_limits)
+                if not all(torch.isfinite(tensor).all() for tensor in vectors.values()):
+                    stopped, message = "nan", f"the vectors became infinite or NaN at step {step + 1}"
+                    break
+                step += 1
+                good, good_step = _detached(vectors), step
+                clock.tick(step)
+                run.log_loss(step, epoch, loss, lr, clock.elapsed)
+                emit(TrainEvent("step", step, config.steps, loss, lr, clock.rate, clock.eta, epoch))
+                outputs.periodic(vectors, step)
+        except Exception as exception:  # whatever it was, the last good vectors are saved and it is reported
+            stopped, error = "error", exception
+            message = _error_message(exception, step + 1)
+
+        # Save: the final embedding (and its optimizer state) in the embeddings folder.
+        return outputs.finish(good, good_step, optimizer, stopped, message, error)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def starting_embedding(model, config: TrainConfig) -> Embedding:
+    """The embedding to train: the saved one when resuming, else a new one from the init text."""
+    path = embedding_path(config.embeddings_dir, config.name)
+    if config.resume:
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: {path} does not exist")
+        embedding = load_embedding(path, widths=model.widths)
+        embedding.name = config.name
+        if embedding.step >= config.steps:
+            raise ValueError(
+                f"{path} is already trained to step {embedding.step}; set more than {embedding.step} steps"
+            )
+        return embedding
+    if path.exists() and not config.overwrite:
+        raise FileExistsError(f"{path} already exists; resume to continue training it, or overwrite to start again")
+    return create_embedding(model, config.name, config.init_text, config.vectors)
+
+
+@contextlib.contextmanager
+def _training_mode(model, config: TrainConfig) -> Iterator[tuple[torch.device, torch.dtype | None]]:
+    """Freeze the model for training; undo the temporary parts (checkpointing, train mode) afterwards."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    device = model.unet.device
+    half = _half_dtype(config.mixed_precision, device)
+    encoders = [encoder.model for encoder in model.encoders]
+    for module in [model.unet, model.vae, *encoders]:
+        module.requires_grad_(False)
+    if half is not None and device.type != "cpu":
+        # Frozen weights in the half dtype halve memory and traffic; the vectors stay float32 (the splice
+        # casts them on the way in, and the gradient comes back to float32).
+        for module in [model.unet, *encoders]:
+            module.to(half)
+    model.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
+    _set_checkpointing(model, config.gradient_checkpointing)
+    try:
+        yield device, half
+    finally:
+        _set_checkpointing(model, False)
+
+
+def _half_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 mixed precision needs a GPU; on the CPU use bf16 or no")
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def _set_checkpointing(model, enabled: bool) -> None:
+    """Gradient checkpointing on the UNet and the text encoders: recompute activations in the backward
+    pass (about +50 % compute) instead of storing them. Non-reentrant, because the reentrant variant only
+    passes gradients through a block whose inputs require grad, and nothing but the vectors does here."""
+    if enabled:
+        model.unet.enable_gradient_checkpointing()
+    elif getattr(model.unet, "is_gradient_checkpointing", False):
+        model.unet.disable_gradient_checkpointing()
+    for encoder in model.encoders:
+        module = encoder.model
+        if enabled:
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+                module.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            module.train()  # transformers checkpoints only in training mode; CLIP has no dropout to enable
+        elif getattr(module, "is_gradient_checkpointing", False):
+            disable = (
+                getattr(module, "activation_checkpointing_disable", None) or module.gradient_checkpointing_disable
+            )
+            disable()
+            module.eval()
+
+
+def _encode_images(model, config: TrainConfig, run: RunFolder, device: torch.device):
+    scan = scan_images(config.data)
+    if not scan.items:
+        skipped = (
+            f" ({len(scan.skipped)} files skipped, e.g. {scan.skipped[0][0].name}: {scan.skipped[0][1]})"
+            if scan.skipped
+            else ""
+        )
+        raise ValueError(f"no training images in {config.data.images}{skipped}")
+    cache = run.cache_dir if config.cache_latents else None
+    return encode_dataset(model, config.data, scan.items, cache_dir=cache, device=device, dtype=model.vae.dtype)
+
+
+def _adamw(params: list[torch.Tensor], device: torch.device) -> torch.optim.AdamW:
+    # Weight decay 0 as in A1111: decay pulls the vectors towards zero, which is not a neutral prior for
+    # token embeddings. Fused kernels on CUDA; with one or two small tensors nothing else matters.
+    return torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, fused=True if device.type == "cuda" else None)
+
+
+def _grad_scaler(device: torch.device, enabled: bool):
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def _autocast(device: torch.device, half: torch.dtype | None):
+    return torch.autocast(device.type, dtype=half, enabled=half is not None)
+
+
+def _noise_scheduler(model, config: TrainConfig):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(model.scheduler.config)
+    if model.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"cannot train against a {model.prediction_type!r}-prediction model (epsilon or v only)")
+    if config.timestep_max > scheduler.config.num_train_timesteps:
+        raise ValueError(
+            f"timestep_max {config.timestep_max} is beyond the model's {scheduler.config.num_train_timesteps} timesteps"
+        )
+    return scheduler
+
+
+def vocabulary_norm_limits(model, norm_control: float) -> dict[str, float]:
+    """Per encoder, the largest norm a vector may reach: `norm_control` × the median token-row norm.
+
+    Unconstrained TI vectors grow to many times the norm of any real token; the text encoder then lets
+    them dominate the prompt, which is why heavily trained embeddings ignore the rest of it (poor
+    editability, the method's known weak spot). Capping the norm near the vocabulary's keeps them
+    word-like (OneTrainer's preserve_embedding_norm does the same).
+    """
+    if norm_control <= 0:
+        return {}
+    with torch.no_grad():
+        return {e.key: norm_control * e.token_table.float().norm(dim=1).median().item() for e in model.encoders}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step
+
+
+def _seed(*parts: object) -> int:
+    """A 63-bit seed mixed from the parts; the same parts give the same seed in every process and run."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def step_generators(
+    seed: int, step: int, micro: int, rank: int, device: torch.device
+) -> tuple[torch.Generator, random.Random]:
+    """The random sources of one micro-batch: torch (noise, timesteps) and Python (prompt lines, tags)."""
+    generator = torch.Generator(device=device).manual_seed(_seed(seed, "noise", step, micro, rank))
+    return generator, random.Random(_seed(seed, "prompt", step, micro, rank))
+
+
+def _micro_batches(dataset, config: TrainConfig, procs: Processes, skip: int) -> Iterator[tuple[int, Any]]:
+    """This process's endless stream of (epoch, batch), after skipping the `skip` that a resumed run has
+    already trained on. Each epoch's order depends on (seed, epoch) only, so skipping reproduces it."""
+    for epoch in itertools.count():
+        count = 0
+        for batch in dataset.batches(
+            config.batch_size, seed=config.seed, epoch=epoch, rank=procs.rank, world_size=procs.world
+        ):
+            count += 1
+            if skip:
+                skip -= 1
+                continue
+            yield epoch, batch
+        if count == 0:
+            raise ValueError(f"the dataset gave process {procs.rank} of {procs.world} no batch in epoch {epoch}")
+
+
+def _training_prompt(template: list[str], config: TrainConfig, caption: str, rng: random.Random) -> str:
+    data = config.data
+    line = rng.choice(template)
+    return render_prompt(
+        line, config.name, caption, shuffle_tags=data.shuffle_tags, tag_dropout=data.tag_dropout, rng=rng
+    )
+
+
+def batch_loss(
+    model,
+    noise_scheduler,
+    vectors: Mapping[str, torch.Tensor],
+    batch,
+    prompts: list[str],
+    generator,
+    config: TrainConfig,
+) -> torch.Tensor:
+    """The loss of one batch at random timesteps and noise drawn from `generator`."""
+    device = generator.device
+    latents = batch.latents.to(device)
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    if config.noise_offset:
+        # Offset noise (Guttenberg 2023): a per-channel constant lets the model learn overall brightness.
+        noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=device)
+    timesteps = torch.randint(
+        config.timestep_min, config.timestep_max, (len(latents),), generator=generator, device=device
+    )
+    tokenized = tokenize_for_model(model, prompts, {config.name: next(iter(vectors.values())).shape[0]})
+    conditioning = encode_tokenized(model, tokenized, {config.name: vectors})
+    weights = None if batch.weights is None else batch.weights.to(device)
+    return diffusion_loss(
+        model, noise_scheduler, conditioning, latents, noise, timesteps, weights, batch.time_ids, config.min_snr_gamma
+    )
+
+
+def diffusion_loss(
+    model,
+    noise_scheduler,
+    conditioning: Conditioning,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    time_ids: torch.Tensor | None = None,
+    min_snr_gamma: float = 0.0,
+) -> torch.Tensor:
+    """Mean MSE between the UNet's prediction and its target (the noise, or v = α·ε − σ·x₀), per sample
+    weighted by the alpha map (normalised by its sum, so an opaque image counts like an unweighted one)."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    v_prediction = model.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    extra = {}
+    if conditioning.pooled is not None:  # SDXL: pooled text embedding and size/crop conditioning
+        extra["added_cond_kwargs"] = {"text_embeds": conditioning.pooled, "time_ids": time_ids.to(latents.device)}
+    prediction = model.unet(noisy, timesteps, encoder_hidden_states=conditioning.hidden_states, **extra).sample
+    error = (prediction.float() - target.float()) ** 2
+    if weights is None:
+        per_sample = error.mean(dim=(1, 2, 3))
+    else:
+        per_sample = (error * weights).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3)) * error.shape[1]).clamp_min(
+            1e-8
+        )
+    if min_snr_gamma > 0:
+        per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma, v_prediction)
+    return per_sample.mean()
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v,
+    so that easy low-noise timesteps stop dominating the gradient."""
+    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    return snr.clamp(max=gamma) / (snr + 1 if v_prediction else snr)
+
+
+def _optimizer_step(
+    optimizer, scaler, vectors: Mapping[str, torch.Tensor], procs: Processes, config: TrainConfig
+) -> None:
+    params = list(vectors.values())
+    for param in params:
+        if param.grad is None:  # a prompt without the embedding; every process must still take part below
+            param.grad = torch.zeros_like(param)
+    procs.average_gradients(params)
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    if config.grad_clip == "value":
+        torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)
+    elif config.grad_clip == "norm":
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip_value)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def control_norms(vectors: Mapping[str, torch.Tensor], limits: Mapping[str, float]) -> None:
+    """Scale down, in place, each vector whose norm exceeds its encoder's limit (see vocabulary_norm_limits)."""
+    with torch.no_grad():
+        for key, limit in limits.items():
+            norms = vectors[key].norm(dim=1, keepdim=True)
+            vectors[key].mul_((limit / norms.clamp_min(1e-12)).clamp(max=1.0))
+
+
+def _detached(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: tensor.detach().clone() for key, tensor in vectors.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation and previews
+
+
+@dataclass
+class ValidationSample:
+    latents: torch.Tensor  # [1, 4, h, w]
+    prompt: str
+    noise: torch.Tensor
+    timesteps: torch.Tensor  # [1]
+    weights: torch.Tensor | None
+    time_ids: torch.Tensor
+
+
+def validation_set(dataset, template: list[str], config: TrainConfig, device: torch.device) -> list[ValidationSample]:
+    """A fixed set of (latent, prompt, noise, timestep), drawn once with its own seed, so the validation
+    loss moves only when the vectors do. Timesteps are spread evenly over the training range."""
+    order = dataset.batches(1, seed=_seed(config.seed, "validation") % 2**32, epoch=0)
+    batches = list(itertools.islice(order, config.validation_samples))
+    generator = torch.Generator().manual_seed(_seed(config.seed, "validation noise"))
+    rng = random.Random(_seed(config.seed, "validation prompts"))
+    span = config.timestep_max - config.timestep_min
+    samples = []
+    for index, batch in enumerate(batches):
+        timestep = config.timestep_min + int((index + 0.5) * span / len(batches))
+        samples.append(
+            ValidationSample(
+                latents=batch.latents.to(device),
+                prompt=render_prompt(
+                    rng.choice(template), config.name, batch.captions[0], shuffle_tags=False, tag_dropout=0.0, rng=rng
+                ),
+                noise=torch.randn(batch.latents.shape, generator=generator).to(device),
+                timesteps=torch.tensor([timestep], device=device),
+                weights=None if batch.weights is None else batch.weights.to(device),
+                time_ids=batch.time_ids,
+            )
+        )
+    return samples
+
+
+def validation_loss(model, noise_scheduler, name: str, vectors, samples: list[ValidationSample], half=None) -> float:
+    """Mean loss of the fixed validation samples (no min-SNR weighting: comparable across settings)."""
+    device = model.unet.device
+    total = 0.0
+    with torch.no_grad(), _autocast(device, half):
+        for sample in samples:
+            conditioning = encode_prompts(model, [sample.prompt], {name: vectors})
+            total += diffusion_loss(
+                model,
+                noise_scheduler,
+                conditioning,
+                sample.latents,
+                sample.noise,
+                sample.timesteps,
+                sample.weights,
+                sample.time_ids,
+            ).item()
+    return total / len(samples)
+
+
+def render_preview(model, name: str, vectors, prompt: str, config: TrainConfig):
+    """One image of `prompt` with the embedding's current vectors (never registered in a tokenizer), at a
+    fixed seed, with DPM-Solver++ through diffusers. Returns a PIL image."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipeline = model.pipeline()
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    device, size = model.unet.device, config.data.resolution
+    with torch.no_grad():
+        # One call, so the prompt and the negative prompt get the same number of 77-token windows.
+        both = encode_prompts(model, [config.preview_negative_prompt, prompt], {name: vectors})
+        extra = {}
+        if both.pooled is not None:
+            extra = {"pooled_prompt_embeds": both.pooled[1:], "negative_pooled_prompt_embeds": both.pooled[:1]}
+        latents = pipeline(
+            prompt_embeds=both.hidden_states[1:],
+            negative_prompt_embeds=both.hidden_states[:1],
+            height=size,
+            width=size,
+            num_inference_steps=config.preview_steps,
+            guidance_scale=config.preview_guidance,
+            generator=torch.Generator(device=device).manual_seed(config.preview_seed),
+            output_type="latent",
+            **extra,
+        ).images
+        # Decoded here in the VAE's own dtype: the UNet may be half precision, the VAE usually is not.
+        image = model.vae.decode(latents.to(model.vae.dtype) / model.vae.config.scaling_factor).sample
+    return pipeline.image_processor.postprocess(image.float(), output_type="pil")[0]
+
+
+def _default_preview_prompt(dataset, template: list[str], config: TrainConfig) -> str:
+    rng = random.Random(config.preview_seed)
+    return render_prompt(
+        rng.choice(template), config.name, dataset.captions[0], shuffle_tags=False, tag_dropout=0.0, rng=rng
+    )
+
+
+@dataclass
+class Outputs:
+    """What the run reports and writes besides the loss: snapshots, validation, previews and the final
+    save (files from the main process only; events to the callback)."""
+
+    model: Any
+    config: TrainConfig
+    run: RunFolder
+    procs: Processes
+    embedding: Embedding  # the starting one: its name and metadata
+    emit: Callable[[TrainEvent], None]
+    noise_scheduler: Any
+    validation: list[ValidationSample]
+    preview_prompt: str
+    half: torch.dtype | None
+
+    def at(self, vectors, step: int) -> Embedding:
+        """The embedding with these vectors at this step, with what the web UIs and a re-run need to know."""
+        model, config = self.model, self.config
+        metadata = {
+            **self.embedding.metadata,
+            "training_settings": json.dumps(config.to_dict()),
+            "base_model": model.name,
+            "base_model_hash": model.shorthash() or "",
+            "architecture": model.architecture,
+            "init_text": self.embedding.metadata.get("init_text", config.init_text),
+        }
+        tensors = {key: tensor.detach().float().cpu() for key, tensor in vectors.items()}
+        return Embedding(name=config.name, vectors=tensors, step=step, metadata=metadata)
+
+    def periodic(self, vectors, step: int) -> None:
+        """Snapshots, validation and previews due at `step`."""
+        config, run, total = self.config, self.run, self.config.steps
+        if not self.procs.is_main:
+            return
+        if _due(step, config.save_every):
+            path = run.save_snapshot(self.at(vectors, step))
+            self.emit(TrainEvent("snapshot", step, total, path=path, message=f"Saved {path}"))
+        if _due(step, config.validation_every):
+            self.validate(vectors, step)
+        if _due(step, config.preview_every):
+            image = render_preview(self.model, config.name, _detached(vectors), self.preview_prompt, config)
+            path = run.save_image(image, run.image_path(step))
+            self.emit(TrainEvent("preview", step, total, path=path, image=image, message=f"Preview {path}"))
+
+    def validate(self, vectors, step: int) -> None:
+        """The loss on the fixed validation samples; the lowest so far is kept as `<name>-best`."""
+        if not (self.validation and self.procs.is_main):
+            return
+        value = validation_loss(
+            self.model, self.noise_scheduler, self.config.name, vectors, self.validation, self.half
+        )
+        best = self.run.log_validation(step, value, self.at(vectors, step))
+        message = f"Validation loss {value:.5f}" + (f"; new best, saved {best}" if best else "")
+        self.emit(TrainEvent("validation", step, self.config.steps, loss=value, path=best, message=message))
+
+    def finish(self, good, step: int, optimizer, stopped: str, message: str, error) -> TrainResult:
+        """Save the last good vectors to the embeddings folder and report how the run ended."""
+        config, run, procs = self.config, self.run, self.procs
+        final = self.at(good, step)
+        path = embedding_path(config.embeddings_dir, config.name)
+        if procs.is_main:
+            save_embedding(final, config.embeddings_dir, overwrite=True)
+            if stopped in ("done", "interrupted"):  # after a failure the optimizer state may be the bad step's
+                run.save_optimizer_state(optimizer, final)
+            if stopped == "done":  # the card image the web UIs show for the embedding
+                image = render_preview(self.model, config.name, good, self.preview_prompt, config)
+                run.save_image(image, embedding_path(config.embeddings_dir, config.name, ".preview.png"))
+            run.flush()
+        if stopped == "done" and procs.world > 1:
+            message = f"{procs.world} processes finished with {'identical' if procs.identical(good) else 'DIFFERENT'} vectors"
+        text = {
+            "done": f"Trained {config.name} to step {step}; saved {path}",
+            "interrupted": f"Training interrupted at step {step}; saved {path}",
+            "nan": f"Training stopped: {message}; saved the last finite vectors (step {step}) to {path}",
+            "error": f"Training failed: {message}; saved step {step} to {path}",
+        }[stopped]
+        if stopped == "done" and message:
+            text += f" ({message})"
+        self.emit(
+            TrainEvent(
+                "error" if stopped in ("nan", "error") else stopped, step, config.steps, path=path, message=text
+            )
+        )
+        return TrainResult(path, step, stopped, text, run.folder, error)
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and ending
+
+
+def _error_message(error: Exception, step: int) -> str:
+    if isinstance(error, OutOfMemoryError):
+        return (
+            f"out of memory at step {step}: use a smaller batch size, gradient checkpointing, "
+            "a lower resolution or fp16/bf16 mixed precision"
+        )
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__} at step {step}: {first_line}"
+
+
+def _start_message(config: TrainConfig, images: int, processes: int, start: int, resume_note: str) -> str:
+    where = f" on {processes} processes" if processes > 1 else ""
+    begin = f"from step {start}" if start else "from the start"
+    note = f"; {resume_note}" if resume_note else ""
+    return f"Training {config.name} on {images} images{where}, {begin} to step {config.steps}{note}"
+
+
+class Clock:
+    """Steps per second over this run so far, and the time left at that pace."""
+
+    def __init__(self, start: int, total: int) -> None:
+        self.start, self.step, self.total = start, start, total
+        self.began = time.perf_counter()
+
+    def tick(self, step: int) -> None:
+        self.step = step
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.began
+
+    @property
+    def rate(self) -> float | None:
+        done, elapsed = self.step - self.start, self.elapsed
+        return done / elapsed if done and elapsed > 0 else None
+
+    @property
+    def eta(self) -> float | None:
+        rate = self.rate
+        return (self.total - self.step) / rate if rate else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes (accelerate) and the run folder
+
+
+class Processes:
+    """This process's place among the training processes: one, unless launched with `accelerate launch`."""
+
+    def __init__(self, accelerator=None) -> None:
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator else 0
+        self.world = accelerator.num_processes if accelerator else 1
+        self.is_main = self.rank == 0
+
+    def _sum(self, values: list[float], device: torch.device) -> list[float]:
+        if self.world == 1:
+            return values
+        return self.accelerator.reduce(torch.tensor(values, device=self.accelerator.device), reduction="sum").tolist()
+
+    def mean(self, value: float, device: torch.device) -> float:
+        return self._sum([value], device)[0] / self.world
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True in every process if it is true in one (so all stop at the same step)."""
+        return self._sum([float(flag)], device)[0] > 0
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        if self.world > 1:
+            for param in params:
+                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+    def identical(self, vectors: Mapping[str, torch.Tensor]) -> bool:
+        flat = torch.cat([tensor.flatten() for _, tensor in sorted(vectors.items())]).to(self.accelerator.device)
+        gathered = self.accelerator.gather(flat[None])
+        return bool((gathered == gathered[0]).all())
+
+    def main_first(self):
+        return self.accelerator.main_process_first() if self.accelerator else contextlib.nullcontext()
+
+
+class RunFolder:
+    """`<log_dir>/<name>/`: snapshots, preview images, loss.csv, settings.json, the optimizer state, the
+    lock and the latent cache. Only the main process writes, and every file is written atomically."""
+
+    def __init__(self, config: TrainConfig, write: bool) -> None:
+        self.config, self.write = config, write
+        self.folder = Path(config.log_dir) / config.name
+        self.rows: list[dict[str, Any]] = []
+        self.best = math.inf
+        self.seconds_before = 0.0
+
+    name = property(lambda self: self.config.name)
+    cache_dir = property(lambda self: self.folder / "latents")
+    csv_path = property(lambda self: self.folder / "loss.csv")
+    best_path = property(lambda self: self.folder / f"{self.name}-best.safetensors")
+    optimizer_path = property(lambda self: self.folder / f"{self.name}.optim.safetensors")
+
+    def image_path(self, step: int) -> Path:
+        return self.folder / "images" / f"{self.name}-{step}.png"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with exclusive_lock(self.folder / ".lock") if self.write else contextlib.nullcontext():
+            yield
+
+    def begin(self, start: int) -> None:
+        """settings.json, and the loss log of a resumed run kept up to its step."""
+        if not self.write:
+            return
+        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
+        atomic_write(self.folder / "settings.json", lambda temp: temp.write_text(text, encoding="utf-8"))
+        if self.config.resume and self.csv_path.is_file():
+            with open(self.csv_path, newline="", encoding="utf-8") as handle:
+                self.rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= start]
+            self.seconds_before = float(self.rows[-1]["seconds"]) if self.rows else 0.0
+        if self.config.resume and self.best_path.is_file():
+            with contextlib.suppress(ValueError, KeyError):
+                self.best = float(load_embedding(self.best_path).metadata["validation_loss"])
+
+    def log_loss(self, step: int, epoch: int, loss: float, lr: float, seconds: float) -> None:
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "loss": f"{loss:.6g}",
+            "learning_rate": f"{lr:.6g}",
+            "validation_loss": "",
+        }
+        self.rows.append({**row, "seconds": f"{self.seconds_before + seconds:.2f}"})
+        if step % CSV_FLUSH_EVERY == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.write or not self.rows:
+            return
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.csv_path, lambda temp: temp.write_text(buffer.getvalue(), encoding="utf-8"))
+
+    def save_snapshot(self, embedding: Embedding) -> Path:
+        path = self.folder / f"{self.name}-{embedding.step}.safetensors"
+        save_embedding_to(embedding, path, overwrite=True)
+        self.flush()
+        return path
+
+    def log_validation(self, step: int, value: float, embedding: Embedding) -> Path | None:
+        """Record a validation loss; keep the embedding as `<name>-best` when it is the lowest so far."""
+        if self.rows and int(self.rows[-1]["step"]) == step:
+            self.rows[-1]["validation_loss"] = f"{value:.6g}"
+        if value >= self.best:
+            return None
+        self.best = value
+        return save_embedding_to(embedding, self.best_path, overwrite=True, metadata={"validation_loss": repr(value)})
+
+    def save_image(self, image, path: Path) -> Path:
+        return atomic_write(path, lambda temp: image.save(temp, format="PNG"))
+
+    def save_optimizer_state(self, optimizer, embedding: Embedding) -> None:
+        """`<name>.optim.safetensors`: AdamW's moments and step count per encoder key, with the hash of the
+        vectors they belong to (tensors only; no pickle)."""
+        from safetensors.torch import save_file
+
+        if not (self.write and self.config.save_optimizer_state):
+            return
+        tensors = {}
+        state = optimizer.state_dict()["state"]
+        for index, key in enumerate(embedding.vectors):
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                tensors[f"{key}.{name}"] = (
+                    torch.as_tensor(state[index][name]).detach().float().cpu().reshape(-1).contiguous()
+                )
+        metadata = {
+            "vectors_sha256": vectors_hash(embedding.vectors),
+            "step": str(embedding.step),
+            "optimizer": "AdamW",
+        }
+        atomic_write(self.optimizer_path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
+
+    def load_optimizer_state(self, optimizer, embedding: Embedding) -> str:
+        """Restore the optimizer state saved with these exact vectors; otherwise say why a fresh one is used."""
+        from safetensors import safe_open
+
+        if not self.optimizer_path.is_file():
+            return "no saved optimizer state, starting a fresh optimizer"
+        with safe_open(str(self.optimizer_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+        if metadata.get("vectors_sha256") != vectors_hash(embedding.vectors):
+            return "the saved optimizer state belongs to other vectors, starting a fresh optimizer"
+        state = {}
+        for index, key in enumerate(embedding.vectors):
+            state[index] = {
+                "step": tensors[f"{key}.step"].reshape(()),
+                "exp_avg": tensors[f"{key}.exp_avg"],
+                "exp_avg_sq": tensors[f"{key}.exp_avg_sq"],
+            }
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+        return "optimizer state restored"
+
+
+def vectors_hash(vectors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of the vectors as saved (float32), to tie an optimizer state to them."""
+    digest = hashlib.sha256()
+    for key in sorted(vectors):
+        digest.update(key.encode())
+        digest.update(vectors[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold `path` (created with O_EXCL, holding our PID) while training; TrainingLocked if a live process
+    holds it. A lock left by a process that no longer runs is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _attempt in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = _lock_owner(path)
+            if pid is not None and _process_alive(pid):
+                raise TrainingLocked(
+                    f"{path.parent.name} is already being trained by process {pid} (lock file {path})"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        with os.fdopen(handle, "w") as lock_file:
+            lock_file.write(str(os.getpid()))
+        break
+    else:
+        raise TrainingLocked(f"could not take the training lock {path}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # a run in another thread of this process (the web UI)
+    if sys.platform == "win32":
+        # os.kill(pid, 0) would terminate the process on Windows; ask for its exit code instead.
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
