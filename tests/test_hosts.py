@@ -446,6 +446,11 @@ def test_train_config_uses_the_host_folders_and_defaults(host, backend, tmp_path
     assert status == 400 and "name" in payload["error"]
     status, payload = routes.handle(routes.train, backend, {"name": "x", "data": {"images": "i"}, "steps": "many"})
     assert status == 400
+    status, payload = routes.handle(routes.train, backend, {"name": "x", "data": {"images": str(tmp_path / "nope")}})
+    assert status == 400 and "is not a folder" in payload["error"]
+    assert routes.handle(routes.create, backend, {"name": "made"})[0] == 200
+    status, payload = routes.handle(routes.train, backend, {"name": "made", "data": {"images": str(tmp_path)}})
+    assert status == 400 and "set resume" in payload["error"]
 
 
 def test_progress_before_any_run(ui_modules, monkeypatch):

@@ -100,7 +100,15 @@ def train_config(backend, body: Any):
 
 def train(backend, body: Any) -> dict[str, Any]:
     """POST /train {TrainConfig fields} -> {started: true, name}; the run goes on in the background."""
+    from ti_core.names import embedding_path
+
     config = train_config(backend, body)
+    # What would only fail on the training thread is answered here, so the client gets a 400 at once.
+    if not Path(config.data.images).is_dir():
+        raise BadRequest(f"data.images: {config.data.images} is not a folder on the web UI's machine")
+    existing = embedding_path(config.embeddings_dir, config.name)
+    if existing.exists() and not (config.resume or config.overwrite):
+        raise BadRequest(f"{existing.name} exists: set resume to continue training it, or overwrite to start again")
     backend.start_training(config)
     return {"started": True, "name": config.name}
 
