@@ -148,7 +148,7 @@ class Host:
         return getattr(model, "embedding_db", None) is not None or bool(self.option("embeddings_dir"))
 
     def kind(self) -> str:
-        """ "sdnext", "a1111" (A1111 and reForge), "forge" or "unknown"."""
+        """Which web UI: "sdnext", "a1111" (A1111 and reForge), "forge" or "unknown"."""
         model = self.loaded_model()
         if self._is_sdnext(model):
             return "sdnext"
