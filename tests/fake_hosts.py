@@ -11,6 +11,7 @@ again after the test.
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 import types
@@ -90,6 +91,10 @@ class State:
 
     def assign_current_image(self, image):
         self.current_image = image
+
+    def __deepcopy__(self, memo):
+        # A copy records into the same Recorder, so calls on a copy SD.Next swapped in are seen too.
+        return copy.copy(self)
 
 
 class SDNextState(State):
@@ -293,9 +298,13 @@ def build(kind: str, checkpoint: Path | str | None, root: Path) -> FakeHost:
                 model_data.sd_model = None
 
         def reload_model_weights(sd_model=None, info=None, reuse_dict=False, op="model", force=False, revision=None):
+            # SD.Next runs the load under a fresh State and then puts back a deep copy of the old one.
             record("reload_model_weights", op)
+            original = copy.deepcopy(shared.state)
+            shared.state = SDNextState(record)
             model_data.sd_model = model
             model.device = "cuda"
+            shared.state = original
 
         sd_models = dict(unload_model_weights=unload_model_weights, reload_model_weights=reload_model_weights,
                          move_model=lambda m, device=None, force=False: None)  # fmt: skip

@@ -54,14 +54,15 @@ def queue_slot(
 @contextlib.contextmanager
 def host_job(host: Host, title: str = JOB_NAME) -> Iterator[None]:
     """`shared.state.begin(...)` ... `end()`, so the web UI shows a job and its Interrupt button applies."""
-    state = host.state
-    begin, end = getattr(state, "begin", None), getattr(state, "end", None)
+    begin = getattr(host.state, "begin", None)
     if callable(begin):
         # Positional: A1111/Forge name the parameter `job`, SD.Next `title`.
         begin(title)
     try:
         yield
     finally:
+        # Read shared.state again: SD.Next's reload_model_weights (our restore) replaces it with a copy.
+        end = getattr(host.state, "end", None)
         if callable(end):
             end()
 
