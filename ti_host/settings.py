@@ -49,7 +49,7 @@ def register(shared) -> list[str]:
     for setting in SETTINGS:
         component = None
         if setting.component is not None:
-            import gradio  # noqa: TID251  (the web UI's own gradio; ti_host is host glue, not ti_core)
+            import gradio  # the web UI's own gradio
 
             component = getattr(gradio, setting.component)
         info = option_info(
