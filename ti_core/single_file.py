@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import collections
 import contextlib
+import importlib
 import inspect
 import json
 import pickle
@@ -167,8 +168,12 @@ def _numpy_global(submodule: str, name: str):
         return _inert_class(f"numpy.{submodule}", name)
     if not submodule:
         return getattr(numpy, name)
-    core = getattr(numpy, "_core", None) or numpy.core
-    return getattr(core.multiarray, name)
+    # numpy 2 moved numpy.core to numpy._core; numpy 1.x (the web UIs' pin) may have a partial
+    # numpy._core stub, so try each real module rather than trusting the attribute.
+    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        with contextlib.suppress(ImportError, AttributeError):
+            return getattr(importlib.import_module(module_name), name)
+    return _inert_class(f"numpy.{submodule}", name)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
