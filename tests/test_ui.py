@@ -1,0 +1,362 @@
+"""The extension's UI: it builds on the installed gradio with every public elem_id, its views say the right
+things, and, in a real browser, a person can create, train, interrupt, browse and click-to-insert.
+
+Browser tests (marked `ui`) need gradio, playwright and Debian's chromium; they skip without them, except
+under TI_REQUIRE_UI=1 (CI's UI venvs), where a missing piece fails.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from ui_helpers import (
+    UiPage,
+    free_port,
+    launch_browser,
+    loopback_only,
+    make_dataset,
+    require_chromium,
+    require_module,
+    stop_app,
+)
+
+gr = require_module("gradio")
+import extension  # noqa: E402  (needs gradio)
+from ti_core.config import TrainConfig  # noqa: E402
+from ti_core.create import create_embedding  # noqa: E402
+from ti_core.formats import load_embedding, save_embedding  # noqa: E402
+
+REQUIRED_IDS = {
+    "ti_create_name",
+    "ti_create_init_text",
+    "ti_create_vectors",
+    "ti_create_button",
+    "ti_create_status",
+    "ti_train_embedding",
+    "ti_train_dataset",
+    "ti_train_steps",
+    "ti_train_button",
+    "ti_train_interrupt",
+    "ti_train_progress",
+    "ti_train_loss_plot",
+    "ti_train_previews",
+    "ti_embeddings_list",
+    "ti_embeddings_refresh",
+}
+
+
+def elem_ids(demo) -> set[str]:
+    return {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+
+
+# ---------------------------------------------------------------------------------------------- no browser
+
+
+def test_create_ui_builds_with_every_public_elem_id(tmp_path):
+    backend = extension.StandaloneBackend(embeddings_dir=tmp_path / "emb", log_dir=tmp_path / "log")
+    ids = elem_ids(extension.create_ui(backend))
+    assert REQUIRED_IDS | {"ti_try_prompt", "ti_root"} <= ids
+
+
+def test_host_ui_has_no_standalone_panels(tmp_path):
+    ids = elem_ids(extension.create_ui(extension.Backend(tmp_path / "emb", tmp_path / "log")))
+    assert ids >= REQUIRED_IDS
+    assert "ti_try_prompt" not in ids and "ti_model" not in ids
+
+
+def test_budget_text_says_what_is_left():
+    assert "59 left" in extension.budget_text(16)
+    assert "74 left" in extension.budget_text(1)
+    assert "0 left" in extension.budget_text(75)
+
+
+# What the Train tab shows before anyone touches it, as gradio 3 hands it over (numbers as floats).
+TAB_DEFAULTS = {
+    "data.images": "",
+    "data.recursive": False,
+    "data.template": "subject_filewords",
+    "learning_rate": "0.005",
+    "batch_size": 1.0,
+    "gradient_accumulation": 1.0,
+    "steps": 2000.0,
+    "data.resolution": 512.0,
+    "data.buckets": False,
+    "data.flip": False,
+    "data.shuffle_tags": False,
+    "data.tag_dropout": 0.0,
+    "data.latent_sampling": "once",
+    "mixed_precision": "no",
+    "gradient_checkpointing": False,
+    "save_every": 500.0,
+    "preview_every": 500.0,
+    "preview_prompt": "",
+    "preview_seed": 0.0,
+    "preview_steps": 20.0,
+    "warmup_steps": 0.0,
+    "grad_clip": "disabled",
+    "grad_clip_value": 0.1,
+    "seed": 0.0,
+}
+
+
+def tab_values(**changes) -> list:
+    values = {**TAB_DEFAULTS, **{key.replace("__", "."): value for key, value in changes.items()}}
+    return [values[key] for key in extension.TRAIN_FIELDS]
+
+
+def test_train_tab_defaults_make_a_valid_config(tmp_path):
+    """Every Train-tab field maps to a TrainConfig key, and the tab's defaults validate."""
+    assert set(TAB_DEFAULTS) == set(extension.TRAIN_FIELDS)
+    backend = extension.Backend(tmp_path / "emb", tmp_path / "log")
+    settings = extension.train_settings(
+        tab_values(data__images=str(tmp_path)), name="cat", backend=backend, resume=True
+    )
+    config = TrainConfig.from_dict(settings)
+    assert (config.steps, config.data.resolution, config.embeddings_dir) == (2000, 512, tmp_path / "emb")
+
+
+def test_bad_settings_are_one_status_line(tiny_models, tmp_path):
+    backend = extension.Backend(tmp_path / "emb", tmp_path / "log")
+    save_embedding(create_embedding(tiny_models["sd1"], "cat", "cat", 1), tmp_path / "emb")
+    status = extension.start_training(backend, False, "cat", *tab_values(learning_rate="fast"))
+    assert "ti-status-error" in status and "learning rate" in status.lower() and "<br" not in status
+
+
+def test_loss_plot_draws_an_image():
+    image = extension.loss_plot([(step, 1.0 / step) for step in range(1, 40)])
+    assert image.size == (720, 280)
+    blue = sum(1 for pixel in image.getdata() if pixel == (30, 80, 200))
+    assert blue > 100  # the smoothed curve is drawn
+    assert extension.loss_plot([]).size == (720, 280)
+
+
+def test_progress_html_shows_step_speed_and_eta():
+    text = extension.progress_html(
+        {
+            "running": True,
+            "step": 3,
+            "total": 8,
+            "steps_per_second": 2.5,
+            "eta_seconds": 2,
+            "loss": 0.25,
+            "lr": 0.005,
+            "message": "training",
+        }
+    )
+    assert "Step 3 / 8" in text and "2.50 steps/s" in text and "ETA 0:02" in text and "loss 0.2500" in text
+
+
+def test_cards_escape_names_and_say_whether_they_fit(tiny_models, tmp_path):
+    model = tiny_models["sd1"]
+    save_embedding(create_embedding(model, "a&b", "cat", 2), tmp_path)
+    save_embedding(create_embedding(tiny_models["sd2"], "wide", "cat", 1), tmp_path)
+    cards = [extension.card_info(path, model.widths) for path in sorted(tmp_path.glob("*.safetensors"))]
+    page = extension.cards_html(cards, model.name)
+    assert 'data-ti-name="a&amp;b"' in page and "a&b" not in page
+    fits = {card.name: card.fits for card in cards}
+    assert fits == {"a&b": True, "wide": False}
+
+
+def test_find_checkpoints_lists_files_and_diffusers_folders(tmp_path):
+    (tmp_path / "one.safetensors").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "two.ckpt").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("no")
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    found = [path.relative_to(tmp_path).as_posix() for path in extension.find_checkpoints(tmp_path)]
+    assert found == ["one.safetensors", "pipe", "sub/two.ckpt"]
+    backend = extension.StandaloneBackend(models_dir=tmp_path, embeddings_dir=tmp_path / "e", log_dir=tmp_path / "l")
+    assert backend.model_choices() == ["one.safetensors", "pipe", "sub/two.ckpt"]
+
+
+def test_without_a_model_the_message_names_the_options(tmp_path):
+    backend = extension.StandaloneBackend(embeddings_dir=tmp_path / "emb", log_dir=tmp_path / "log")
+    with pytest.raises(ValueError, match="--model.*--models-dir"):
+        backend.current_model()
+    status, _ = extension.create_action(backend, "cat", "cat", 1, False)
+    assert "--model" in status and not (tmp_path / "emb").exists()
+
+
+def test_try_it_renders_with_a_clicked_embedding(tiny_model_dirs, tmp_path):
+    backend = extension.StandaloneBackend(
+        model=str(tiny_model_dirs["sd1"]), embeddings_dir=tmp_path, log_dir=tmp_path / "log"
+    )
+    save_embedding(create_embedding(backend.current_model(), "tiny-cat", "cat", 2), tmp_path)
+    image, status = extension.try_action(backend, "a photo of tiny-cat", "", 1, 2, 64, 64, 5.0)
+    assert image is not None and image.size == (64, 64)
+    assert "with tiny-cat" in status
+
+
+# --------------------------------------------------------------------------------------------- in a browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = require_chromium()
+    sync_api = require_module("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = launch_browser(playwright, executable)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dirs, tmp_path_factory):
+    """The standalone app, started through `main` as a user would, on a free loopback port."""
+    root = tmp_path_factory.mktemp("app")
+    port = free_port()
+    argv = [
+        "--model",
+        str(tiny_model_dirs["sd1"]),
+        "--embeddings-dir",
+        str(root / "embeddings"),
+        "--log-dir",
+        str(root / "logs"),
+        "--port",
+        str(port),
+    ]
+    demo = extension.main(argv, block=False)
+    yield {
+        "url": f"http://127.0.0.1:{port}/",
+        "root": root,
+        "data": make_dataset(root / "data"),
+        "model": str(tiny_model_dirs["sd1"]),
+    }
+    stop_app(demo)
+
+
+@pytest.fixture
+def ui(browser, app):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    loopback_only(page)
+    ui = UiPage(page, app["url"]).open()
+    yield ui
+    assert not ui.errors, f"errors in the page: {ui.errors}"
+    context.close()
+
+
+def _train_form(ui: UiPage, app, *, steps: int, preview_every: int) -> None:
+    ui.tab("Train")
+    ui.fill("ti_train_dataset", app["data"])
+    ui.click("ti_train_dataset_scan")
+    ui.wait_text("ti_train_dataset_info", r"4 images.*\n?.*1 skipped: broken\.png")
+    ui.fill("ti_train_steps", steps)
+    ui.fill("ti_train_resolution", 64)
+    ui.fill("ti_train_save_every", 0)
+    ui.fill("ti_train_preview_every", preview_every)
+    ui.fill("ti_train_preview_steps", 2)
+
+
+def _create(ui: UiPage, name: str, vectors: int) -> str:
+    ui.tab("Create")
+    ui.fill("ti_create_name", name)
+    ui.fill("ti_create_init_text", "cat")
+    ui.fill("ti_create_vectors", vectors)
+    return ui.wait_text("ti_create_budget", rf"{75 - vectors} left")
+
+
+@pytest.mark.ui
+def test_create_shows_the_prompt_budget_and_writes_the_file(ui, app):
+    assert "59 left" in _create(ui, "ui-made", 16)
+    ui.wait_text("ti_create_init_info", r"Init text: 1 token, repeated to fill 16 vectors")
+    ui.click("ti_create_button")
+    status = ui.wait_text("ti_create_status", r"Created ui-made")
+    path = app["root"] / "embeddings" / "ui-made.safetensors"
+    assert str(path) in status
+    assert load_embedding(path).num_vectors == 16
+    ui.click("ti_create_button")  # again, without Overwrite: refused, and said so in one line
+    ui.wait_text("ti_create_status", r"already exists.*Overwrite")
+    ui.screenshot("create")
+
+
+@pytest.mark.ui
+def test_train_shows_progress_loss_plot_and_previews(ui, app):
+    _create(ui, "ui-trained", 2)
+    ui.click("ti_create_button")
+    ui.wait_text("ti_create_status", r"Created ui-trained")
+    _train_form(ui, app, steps=8, preview_every=4)
+    assert ui.dropdown_value("ti_train_embedding") == "ui-trained"  # Create selected it
+    ui.click("ti_train_button")
+    ui.wait_text("ti_train_progress", r"Step [1-8] / 8", timeout=60)
+    progress = ui.wait_text("ti_train_progress", r"Step 8 / 8.*took", timeout=90)
+    assert "steps/s" in progress and "loss" in progress
+    status = ui.wait_text("ti_train_status", r"Trained ui-trained to step 8")
+    final = app["root"] / "embeddings" / "ui-trained.safetensors"
+    assert str(final) in status
+    assert ui.wait_value("ti_train_result", re.escape(str(final)))
+    assert load_embedding(final).step == 8
+    ui.page.wait_for_function("() => document.querySelectorAll('#ti_train_previews img').length >= 2")
+    plot = ui.page.locator("#ti_train_loss_plot img").first
+    assert plot.get_attribute("src")
+    ui.page.wait_for_timeout(500)  # let the gallery's images finish loading before the picture is taken
+    ui.screenshot(f"train-finished-gradio{gr.__version__.split('.')[0]}")
+
+
+@pytest.mark.ui
+def test_interrupt_saves_the_embedding_and_says_so(ui, app):
+    _create(ui, "ui-interrupted", 1)
+    ui.click("ti_create_button")
+    ui.wait_text("ti_create_status", r"Created ui-interrupted")
+    _train_form(ui, app, steps=5000, preview_every=0)
+    ui.click("ti_train_button")
+    ui.wait_text("ti_train_progress", r"Step [1-9]\d* / 5000", timeout=60)
+    ui.click("ti_train_interrupt")
+    status = ui.wait_text("ti_train_status", r"Training interrupted at step \d+", timeout=60)
+    final = app["root"] / "embeddings" / "ui-interrupted.safetensors"
+    assert str(final) in status
+    step = int(re.search(r"step (\d+)", status).group(1))
+    assert 0 < step < 5000 and load_embedding(final).step == step
+    ui.wait_text("ti_train_progress", rf"Step {step} / 5000")
+    ui.screenshot("train-interrupted")
+
+
+@pytest.mark.ui
+def test_library_card_click_adds_then_removes_the_token(ui, app):
+    model_dir = app["root"] / "embeddings"
+    from ti_core.models import load_model
+
+    save_embedding(create_embedding(load_model(app["model"]), "ui-card", "dog", 3), model_dir, overwrite=True)
+    ui.tab("Embeddings")
+    ui.click("ti_embeddings_refresh")
+    card = ui.page.locator('#ti_embeddings_list .ti-card[data-ti-name="ui-card"]')
+    card.wait_for(timeout=30_000)
+    assert "3 vectors" in card.inner_text()
+    ui.fill("ti_try_prompt", "a photo of")
+    card.click()
+    ui.wait_value("ti_try_prompt", r"^a photo of ui-card$")
+    ui.wait_text("ti_embeddings_insert_status", r"Added ui-card to the Try-it prompt")
+    ui.screenshot("library")
+    card.focus()
+    ui.page.keyboard.press("Enter")  # the card is a button: the keyboard works too
+    ui.wait_value("ti_try_prompt", r"^a photo of$")
+    ui.wait_text("ti_embeddings_insert_status", r"Removed ui-card")
+    card.click()
+    for elem_id, value in (("ti_try_width", 64), ("ti_try_height", 64), ("ti_try_steps", 2)):
+        ui.fill(elem_id, value)
+    ui.click("ti_try_button")  # what the click inserted reaches the model
+    ui.wait_text("ti_try_status", r"with ui-card", timeout=60)
+
+
+@pytest.mark.ui
+def test_without_a_model_the_page_says_how_to_give_one(browser, tmp_path):
+    port = free_port()
+    demo = extension.main(
+        ["--embeddings-dir", str(tmp_path / "e"), "--log-dir", str(tmp_path / "l"), "--port", str(port)], block=False
+    )
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        loopback_only(page)
+        ui = UiPage(page, f"http://127.0.0.1:{port}/").open()
+        message = ui.wait_text("ti_model_status", r"No model")
+        assert "--model" in message and "--models-dir" in message
+        ui.fill("ti_create_name", "nothing")
+        ui.click("ti_create_button")
+        ui.wait_text("ti_create_status", r"No model is loaded")
+        context.close()
+    finally:
+        stop_app(demo)
