@@ -10,13 +10,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .data import DataConfig
 from .names import validate_name
 from .schedule import parse_schedule
-
-if TYPE_CHECKING:
-    from .data import DataConfig
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 GRAD_CLIP = ("disabled", "value", "norm")
@@ -59,7 +57,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     cache_latents: bool = True  # keep VAE latents on disk under the log folder between runs
 
-    # What the run writes, every N steps (0 = never).
+    # What the run writes, every N steps (0 = never; no previews also means no <name>.preview.png card).
     save_every: int = 500
     preview_every: int = 500
     validation_every: int = 0
@@ -72,10 +70,9 @@ class TrainConfig:
     save_optimizer_state: bool = True
 
     def __post_init__(self) -> None:
-        data_class = _data_config_class()
         if isinstance(self.data, dict):
             self.data = _data_from_dict(self.data)
-        if not isinstance(self.data, data_class):
+        if not isinstance(self.data, DataConfig):
             raise ValueError(f"data must be a DataConfig, not {type(self.data).__name__}")
         for field in dataclasses.fields(self):
             if field.name != "data":
@@ -95,19 +92,9 @@ class TrainConfig:
         return _json_safe(dataclasses.asdict(self))
 
 
-def _data_config_class():
-    from .data import DataConfig  # the dataset module is heavier (PIL); config stays cheap to import
-
-    return DataConfig
-
-
-def _data_from_dict(values: dict[str, Any]):
-    data_class = _data_config_class()
-    _reject_unknown(data_class, values, "data setting")
-    values = dict(values)
-    if "images" in values:
-        values["images"] = Path(values["images"])
-    return data_class(**values)
+def _data_from_dict(values: dict[str, Any]) -> DataConfig:
+    _reject_unknown(DataConfig, values, "data setting")
+    return DataConfig(**values)  # it takes the images folder as a string or a Path
 
 
 def _reject_unknown(cls, values: dict[str, Any], what: str) -> None:

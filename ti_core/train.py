@@ -99,6 +99,10 @@ def train(
     frozen UNet and text encoders are cast to the mixed-precision dtype in place (load the model in that
     dtype to avoid the copy). Setup problems raise; a failure during training is saved and reported in
     the result.
+
+    On the CPU the same seed gives bit-identical vectors only with MKL_CBWR=AUTO,STRICT in the environment
+    before torch's first matrix product (the CLI sets it): otherwise MKL's sums depend on memory alignment,
+    and Adam, which divides each gradient component by its own size, amplifies those last-bit differences.
     """
     procs = Processes(accelerator)
     emit = callback if callback and procs.is_main else lambda event: None
@@ -615,7 +619,7 @@ class Outputs:
             save_embedding(final, config.embeddings_dir, overwrite=True)
             if stopped in ("done", "interrupted"):  # after a failure the optimizer state may be the bad step's
                 run.save_optimizer_state(optimizer, final)
-            if stopped == "done":  # the card image the web UIs show for the embedding
+            if stopped == "done" and config.preview_every:  # the card image the web UIs show for the embedding
                 image = render_preview(self.model, config.name, good, self.preview_prompt, config)
                 run.save_image(image, embedding_path(config.embeddings_dir, config.name, ".preview.png"))
             run.flush()
@@ -811,13 +815,14 @@ class RunFolder:
 
         if not (self.write and self.config.save_optimizer_state):
             return
-        tensors = {}
         state = optimizer.state_dict()["state"]
+        if not state:  # stopped before the first step: nothing to continue
+            return
+        tensors = {}
         for index, key in enumerate(embedding.vectors):
             for name in ("exp_avg", "exp_avg_sq", "step"):
-                tensors[f"{key}.{name}"] = (
-                    torch.as_tensor(state[index][name]).detach().float().cpu().reshape(-1).contiguous()
-                )
+                value = torch.as_tensor(state[index][name]).detach().float().cpu()
+                tensors[f"{key}.{name}"] = value.reshape(1) if name == "step" else value.contiguous()
         metadata = {
             "vectors_sha256": vectors_hash(embedding.vectors),
             "step": str(embedding.step),

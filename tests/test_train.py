@@ -1,0 +1,494 @@
+"""Training on tiny models (CPU, 64 px, a few steps): what a user of `train()` can observe."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import ti_core.train as train_module
+from ti_core.config import TrainConfig
+from ti_core.data import DataConfig
+from ti_core.formats import load_embedding, save_embedding
+from ti_core.models import from_pipeline
+from ti_core.prompt import Conditioning
+from ti_core.schedule import learning_rate_at, parse_schedule
+from ti_core.testing import build_tiny_pipeline
+from ti_core.train import (
+    TrainingLocked,
+    diffusion_loss,
+    min_snr_weights,
+    train,
+    vocabulary_norm_limits,
+)
+
+# Bit-reproducible CPU training needs MKL's conditional numerical reproducibility, set before MKL's first
+# call: importing torch makes none, and this module is imported at collection, before any test runs.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+NAME = "tok"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Four solid-colour 64 px images captioned by their file names."""
+    folder = tmp_path_factory.mktemp("images")
+    for index in range(4):
+        Image.new("RGB", (64, 64), (200 + 10 * index, 30, 40)).save(folder / f"{index:03d}-a red square.png")
+    return folder
+
+
+def make_config(tmp_path, images, **overrides) -> TrainConfig:
+    settings = dict(
+        name=NAME,
+        embeddings_dir=tmp_path / "embeddings",
+        log_dir=tmp_path / "logs",
+        data=DataConfig(images=images, resolution=64),
+        init_text="a dog",
+        vectors=2,
+        steps=2,
+        learning_rate="0.01",
+        save_every=0,
+        preview_every=0,
+        preview_steps=1,
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def run(model, config, **kwargs):
+    events = []
+    result = train(model, config, events.append, **kwargs)
+    return result, events
+
+
+def frozen_state(model) -> dict[str, torch.Tensor]:
+    modules = {"unet": model.unet, "vae": model.vae} | {e.key: e.model for e in model.encoders}
+    return {
+        f"{name}.{key}": value.clone()
+        for name, module in modules.items()
+        for key, value in module.state_dict().items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The config
+
+
+def test_config_round_trips_through_json(tmp_path, images):
+    config = make_config(tmp_path, images, learning_rate="0.005:100, 1e-3", norm_control=1.5, grad_clip="value")
+    text = json.dumps(config.to_dict())
+    assert TrainConfig.from_dict(json.loads(text)) == config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"learning_rate": "fast"}, "Invalid learning rate schedule: 'fast'"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be one of no, fp16, bf16"),
+        ({"grad_clip": "sometimes"}, "grad_clip must be one of disabled, value, norm"),
+        ({"vectors": 76}, "vectors must be between 1 and 75"),
+        ({"batch_size": 2.5}, "batch_size must be a whole number"),
+        ({"flip": True}, "unknown training setting: flip"),
+        ({"data": {"images": "x", "flipp": True}}, "unknown data setting: flipp"),
+        ({"name": "a/b"}, "path separator"),
+        ({"timestep_min": 500, "timestep_max": 100}, "timestep_min < timestep_max"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_field_named(tmp_path, images, change, message):
+    values = {**make_config(tmp_path, images).to_dict(), **change}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig.from_dict(values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning, and nothing but the vectors
+
+
+def test_training_lowers_a_fixed_validation_loss(tmp_path, images):
+    # Random tiny UNets barely listen to the prompt (directly optimising the conditioning lowers their loss
+    # by 0.03 %), so cross-attention is amplified until the prompt matters, as it does in a trained model.
+    pipeline = build_tiny_pipeline("sd1")
+    with torch.no_grad():
+        for name, module in pipeline.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_out[0].weight.mul_(100)
+    model = from_pipeline(pipeline, "amplified")
+    config = make_config(
+        tmp_path,
+        images,
+        steps=30,
+        batch_size=2,
+        vectors=4,
+        learning_rate="0.05",
+        validation_every=30,
+        validation_samples=4,
+    )
+    start = load_start_vectors(model, config)
+    result, events = run(model, config)
+    validation = [event.loss for event in events if event.kind == "validation"]
+    assert result.stopped == "done"
+    assert len(validation) == 2  # before the first step and after the last
+    assert validation[1] < 0.99 * validation[0]  # 0.983 here; untrained or ascending it would be >= 1
+    trained = load_embedding(result.embedding_path)
+    assert not torch.allclose(trained.vectors["clip_l"], start["clip_l"])
+
+
+def load_start_vectors(model, config):
+    from ti_core.create import create_embedding
+
+    return create_embedding(model, config.name, config.init_text, config.vectors).vectors
+
+
+def test_only_the_vectors_change_and_every_encoder_learns(tmp_path, images, tiny_model, arch):
+    before = frozen_state(tiny_model)
+    config = make_config(tmp_path, images, learning_rate="0.05")
+    start = load_start_vectors(tiny_model, config)
+    result, events = run(tiny_model, config)
+    after = frozen_state(tiny_model)
+    assert result.stopped == "done", result.message
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert all(not p.requires_grad for p in tiny_model.unet.parameters())
+    trained = load_embedding(result.embedding_path, widths=tiny_model.widths)
+    assert trained.step == 2
+    assert set(trained.vectors) == set(tiny_model.widths)  # SDXL: clip_l and clip_g both trained
+    for key, vectors in trained.vectors.items():
+        assert vectors.shape == start[key].shape
+        assert not torch.allclose(vectors, start[key]), key
+    assert all(math.isfinite(event.loss) for event in events if event.kind == "step")
+
+
+def test_outputs_of_a_run(tmp_path, images, tiny_models):
+    model = tiny_models["sd1"]
+    config = make_config(tmp_path, images, save_every=1, preview_every=2, validation_every=1, validation_samples=2)
+    result, events = run(model, config)
+    folder = tmp_path / "logs" / NAME
+    assert result.log_dir == folder
+    assert sorted(path.name for path in (tmp_path / "embeddings").iterdir()) == [
+        f"{NAME}.preview.png",
+        f"{NAME}.safetensors",
+    ]
+    for name in (
+        f"{NAME}-1.safetensors",
+        f"{NAME}-2.safetensors",
+        f"{NAME}-best.safetensors",
+        f"{NAME}.optim.safetensors",
+    ):
+        assert (folder / name).is_file(), name
+    assert load_embedding(folder / f"{NAME}-1.safetensors").step == 1
+    with Image.open(folder / "images" / f"{NAME}-2.png") as image:
+        assert image.size == (64, 64)
+    with Image.open(tmp_path / "embeddings" / f"{NAME}.preview.png") as image:
+        assert image.size == (64, 64)
+    assert TrainConfig.from_dict(json.loads((folder / "settings.json").read_text())) == config
+    with open(folder / "loss.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [1, 2]
+    assert set(rows[0]) == {"step", "epoch", "loss", "learning_rate", "seconds", "validation_loss"}
+    assert all(float(row["loss"]) > 0 and float(row["validation_loss"]) > 0 for row in rows)
+    assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp") or path.name == ".lock"]
+
+    final = load_embedding(result.embedding_path)
+    assert TrainConfig.from_dict(json.loads(final.metadata["training_settings"])) == config
+    assert final.metadata["architecture"] == "sd1"
+    assert final.metadata["init_text"] == "a dog"
+    assert final.metadata["base_model"] == model.name
+    assert "base_model_hash" in final.metadata
+
+    kinds = [event.kind for event in events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert {"snapshot", "preview", "validation"} <= set(kinds)
+    steps = [event for event in events if event.kind == "step"]
+    assert [event.step for event in steps] == [1, 2] and all(event.total == 2 for event in steps)
+    assert steps[-1].steps_per_second > 0 and steps[-1].eta_seconds == 0
+    assert next(event for event in events if event.kind == "preview").image.size == (64, 64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def stub_model(prediction_type: str, output):
+    unet = lambda noisy, timesteps, encoder_hidden_states, **extra: SimpleNamespace(sample=output(noisy, timesteps))  # noqa: E731
+    return SimpleNamespace(prediction_type=prediction_type, unet=unet)
+
+
+@pytest.fixture(scope="module")
+def noise_scheduler(tiny_models):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(tiny_models["sd2"].scheduler.config)
+
+
+def loss_inputs():
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    return Conditioning(torch.zeros(2, 77, 8)), latents, noise, torch.tensor([10, 700])
+
+
+def test_epsilon_models_learn_the_noise_and_v_models_the_velocity(noise_scheduler):
+    conditioning, latents, noise, timesteps = loss_inputs()
+    velocity = noise_scheduler.get_velocity(latents, noise, timesteps)
+    predicts_noise = lambda noisy, t: noise  # noqa: E731
+    predicts_velocity = lambda noisy, t: velocity  # noqa: E731
+    args = (noise_scheduler, conditioning, latents, noise, timesteps)
+    assert diffusion_loss(stub_model("epsilon", predicts_noise), *args) == 0
+    assert diffusion_loss(stub_model("v_prediction", predicts_velocity), *args) == 0
+    assert diffusion_loss(stub_model("v_prediction", predicts_noise), *args) > 0.1
+    assert diffusion_loss(stub_model("epsilon", predicts_velocity), *args) > 0.1
+
+
+def test_alpha_weights_count_only_the_opaque_part(noise_scheduler):
+    conditioning, latents, noise, timesteps = loss_inputs()
+    left_wrong = noise.clone()
+    left_wrong[..., :4] += 1.0  # error 1 on the left half, 0 on the right
+    model = stub_model("epsilon", lambda noisy, t: left_wrong)
+    args = (model, noise_scheduler, conditioning, latents, noise, timesteps)
+    right = torch.zeros(2, 1, 8, 8)
+    right[..., 4:] = 1.0
+    assert diffusion_loss(*args) == pytest.approx(0.5)
+    assert diffusion_loss(*args, weights=torch.ones(2, 1, 8, 8)) == pytest.approx(0.5)
+    assert diffusion_loss(*args, weights=right) == pytest.approx(0.0)
+    assert diffusion_loss(*args, weights=1.0 - right) == pytest.approx(1.0)
+
+
+def test_min_snr_weights(noise_scheduler):
+    timesteps = torch.tensor([5, 999])  # very low noise (SNR >> 5), almost pure noise (SNR << 1)
+    alphas = noise_scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    epsilon = min_snr_weights(noise_scheduler, timesteps, 5.0, v_prediction=False)
+    velocity = min_snr_weights(noise_scheduler, timesteps, 5.0, v_prediction=True)
+    assert epsilon[0] == pytest.approx(5.0 / snr[0]) and epsilon[1] == pytest.approx(1.0)
+    assert velocity[0] == pytest.approx(5.0 / (snr[0] + 1)) and velocity[1] == pytest.approx(snr[1] / (snr[1] + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reproducibility and resume
+
+
+RESUMABLE = dict(
+    steps=4,
+    gradient_accumulation=2,
+    learning_rate="0.02:2, 0.01",
+    warmup_steps=2,
+    grad_clip="norm",
+    grad_clip_value=1.0,
+    seed=3,
+    data=None,  # filled per test
+)
+
+
+def resumable_config(tmp_path, images, **overrides):
+    data = DataConfig(images=images, resolution=64, flip=True, shuffle_tags=True, latent_sampling="random")
+    return make_config(tmp_path, images, **{**RESUMABLE, "data": data, **overrides})
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, images, tiny_models):
+    """0 -> 4 steps in one go."""
+    folder = tmp_path_factory.mktemp("reference")
+    model = tiny_models["sd2"]
+    result, events = run(model, resumable_config(folder, images))
+    return load_embedding(result.embedding_path, widths=model.widths), events, folder
+
+
+def test_the_same_seed_gives_the_same_vectors(tmp_path, images, tiny_models, reference_run):
+    reference, _, _ = reference_run
+    model = tiny_models["sd2"]
+    result, _ = run(model, resumable_config(tmp_path, images))
+    again = load_embedding(result.embedding_path, widths=model.widths)
+    assert torch.equal(again.vectors["clip_h"], reference.vectors["clip_h"])
+
+
+def test_learning_rate_follows_the_schedule_and_warmup(reference_run):
+    _, events, _ = reference_run
+    schedule = parse_schedule(RESUMABLE["learning_rate"])
+    expected = [learning_rate_at(schedule, step, warmup_steps=2) for step in range(4)]
+    assert [event.lr for event in events if event.kind == "step"] == pytest.approx(expected)
+    assert expected == pytest.approx([0.01, 0.02, 0.01, 0.01])
+
+
+def test_resume_continues_exactly(tmp_path, images, tiny_models, reference_run):
+    reference, reference_events, _ = reference_run
+    model = tiny_models["sd2"]
+    # Step 1 of 4 ends mid-epoch (4 images, 2 micro-batches a step), in the warmup and the first stage.
+    first, _ = run(model, resumable_config(tmp_path, images, steps=1))
+    assert first.step == 1
+    second, events = run(model, resumable_config(tmp_path, images, resume=True))
+    assert second.step == 4, second.message
+    assert "optimizer state restored" in events[0].message
+    resumed = load_embedding(second.embedding_path, widths=model.widths)
+    assert resumed.step == 4
+    torch.testing.assert_close(resumed.vectors["clip_h"], reference.vectors["clip_h"], rtol=0, atol=1e-6)
+    with open(tmp_path / "logs" / NAME / "loss.csv", newline="") as handle:
+        losses = [float(row["loss"]) for row in csv.DictReader(handle)]
+    assert losses == pytest.approx([event.loss for event in reference_events if event.kind == "step"], rel=1e-4)
+
+
+def test_resume_with_foreign_optimizer_state_starts_a_fresh_optimizer(tmp_path, images, tiny_models):
+    model = tiny_models["sd1"]
+    first, _ = run(model, make_config(tmp_path, images, steps=1))
+    edited = load_embedding(first.embedding_path)
+    edited.vectors = {key: tensor + 0.5 for key, tensor in edited.vectors.items()}
+    save_embedding(edited, tmp_path / "embeddings", overwrite=True)
+    result, events = run(model, make_config(tmp_path, images, steps=2, resume=True))
+    assert result.stopped == "done"
+    assert "starting a fresh optimizer" in events[0].message
+
+
+def test_existing_embedding_needs_resume_or_overwrite(tmp_path, images, tiny_models):
+    model = tiny_models["sd1"]
+    run(model, make_config(tmp_path, images, steps=1))
+    with pytest.raises(FileExistsError, match="resume"):
+        train(model, make_config(tmp_path, images, steps=2))
+    with pytest.raises(ValueError, match="already trained to step 1"):
+        train(model, make_config(tmp_path, images, steps=1, resume=True))
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train(model, make_config(tmp_path, images, name="other", resume=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stopping: interrupt, exceptions, NaN, out of memory, a second run
+
+
+def test_interrupt_saves_the_current_step(tmp_path, images, tiny_models):
+    cancel = threading.Event()
+    events = []
+
+    def callback(event):
+        events.append(event)
+        if event.kind == "step" and event.step == 2:
+            cancel.set()
+
+    result = train(tiny_models["sd1"], make_config(tmp_path, images, steps=5), callback, cancel=cancel)
+    assert result.stopped == "interrupted" and result.step == 2
+    assert result.message.startswith("Training interrupted at step 2; saved ")
+    assert load_embedding(result.embedding_path).step == 2
+    assert events[-1].kind == "interrupted"
+    assert (tmp_path / "logs" / NAME / f"{NAME}.optim.safetensors").is_file()  # resumable
+
+
+def fail_on_call(monkeypatch, name: str, call: int, error: BaseException):
+    original = getattr(train_module, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, name, wrapper)
+
+
+def test_an_exception_saves_the_last_good_step_and_reports_it(tmp_path, images, tiny_models, monkeypatch):
+    fail_on_call(monkeypatch, "encode_tokenized", 3, RuntimeError("boom"))
+    result, events = run(tiny_models["sd1"], make_config(tmp_path, images, steps=5))
+    assert result.stopped == "error" and result.step == 2
+    assert isinstance(result.error, RuntimeError)
+    assert "RuntimeError at step 3: boom" in result.message
+    assert events[-1].kind == "error" and "boom" in events[-1].message
+    assert load_embedding(result.embedding_path).step == 2
+    assert not (tmp_path / "logs" / NAME / ".lock").exists()
+
+
+def test_out_of_memory_suggests_what_to_change(tmp_path, images, tiny_models, monkeypatch):
+    fail_on_call(monkeypatch, "encode_tokenized", 1, train_module.OutOfMemoryError("CUDA out of memory"))
+    result, _ = run(tiny_models["sd1"], make_config(tmp_path, images))
+    assert result.stopped == "error" and result.step == 0
+    for advice in ("smaller batch size", "gradient checkpointing", "lower resolution"):
+        assert advice in result.message
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_finite_vectors(tmp_path, images, tiny_models, monkeypatch):
+    original = train_module.diffusion_loss
+    calls = []
+
+    def nan_on_third(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_module, "diffusion_loss", nan_on_third)
+    result, _ = run(tiny_models["sd1"], make_config(tmp_path, images, steps=5))
+    assert result.stopped == "nan" and result.step == 2
+    assert "the loss became nan at step 3" in result.message
+    saved = load_embedding(result.embedding_path)
+    assert saved.step == 2 and all(torch.isfinite(v).all() for v in saved.vectors.values())
+
+
+def test_a_diverging_learning_rate_stops_with_finite_vectors(tmp_path, images, tiny_models):
+    result, _ = run(tiny_models["sd1"], make_config(tmp_path, images, steps=6, learning_rate="1e30"))
+    assert result.stopped == "nan" and result.step < 6
+    saved = load_embedding(result.embedding_path)
+    assert saved.step == result.step and all(torch.isfinite(v).all() for v in saved.vectors.values())
+
+
+def test_a_second_run_of_the_same_embedding_is_refused(tmp_path, images, tiny_models):
+    lock = tmp_path / "logs" / NAME / ".lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(str(os.getpid()))  # a live process: this one, as a second UI thread would be
+    with pytest.raises(TrainingLocked, match="already being trained by process"):
+        train(tiny_models["sd1"], make_config(tmp_path, images))
+    assert lock.read_text() == str(os.getpid())
+    assert not (tmp_path / "embeddings").exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, images, tiny_models):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / "logs" / NAME / ".lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(finished.stdout.strip())
+    result, _ = run(tiny_models["sd1"], make_config(tmp_path, images, steps=1))
+    assert result.stopped == "done"
+    assert not lock.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, images, tiny_models):
+    model = tiny_models["sd2"]
+    plain, _ = run(model, make_config(tmp_path / "plain", images, learning_rate="0.05"))
+    checkpointed, _ = run(
+        model, make_config(tmp_path / "ckpt", images, learning_rate="0.05", gradient_checkpointing=True)
+    )
+    start = load_start_vectors(model, make_config(tmp_path, images))["clip_h"]
+    a, b = (load_embedding(r.embedding_path, widths=model.widths).vectors["clip_h"] for r in (plain, checkpointed))
+    assert not torch.allclose(b, start)  # gradients did reach the vectors through the checkpointed blocks
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not model.unet.is_gradient_checkpointing  # switched off again afterwards
+
+
+def test_norm_control_caps_vector_norms_at_the_vocabulary_median(tmp_path, images, tiny_models):
+    model = tiny_models["sd1"]
+    limit = vocabulary_norm_limits(model, 1.0)["clip_l"]
+    loose, _ = run(model, make_config(tmp_path / "loose", images, learning_rate="1.0", init_text=""))
+    capped, _ = run(
+        model, make_config(tmp_path / "capped", images, learning_rate="1.0", init_text="", norm_control=1.0)
+    )
+    loose_norms = load_embedding(loose.embedding_path).vectors["clip_l"].norm(dim=1)
+    capped_norms = load_embedding(capped.embedding_path).vectors["clip_l"].norm(dim=1)
+    assert loose_norms.max() > 1.5 * limit  # without it, two big steps overshoot the vocabulary's norms
+    assert capped_norms.max() <= limit * (1 + 1e-5)
+
+
+def test_fp16_on_cpu_is_refused_and_bf16_trains(tmp_path, images, tiny_models):
+    model = tiny_models["sd1"]
+    with pytest.raises(ValueError, match="fp16 mixed precision needs a GPU"):
+        train(model, make_config(tmp_path, images, mixed_precision="fp16"))
+    result, events = run(model, make_config(tmp_path, images, mixed_precision="bf16", steps=1))
+    assert result.stopped == "done"
+    assert math.isfinite(next(event.loss for event in events if event.kind == "step"))
+    assert load_embedding(result.embedding_path).vectors["clip_l"].dtype == torch.float32
