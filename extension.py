@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import html
 import inspect
 import io
@@ -148,8 +149,7 @@ class StandaloneBackend(Backend):
     def status_text(self) -> str:
         if self.selected is None:
             return NO_MODEL_HELP
-        state = "loaded" if self._model is not None else "loads when first needed"
-        return f"Model: {self.selected} ({state})"
+        return f"Model: {self.selected} (loaded when first used; load errors show where you used it)"
 
     def current_model(self):
         if self.selected is None:
@@ -283,12 +283,15 @@ def progress_html(snapshot: dict | None) -> str:
     if snapshot.get("lr") is not None:
         parts.append(f"lr {snapshot['lr']:.3g}")
     state = "running" if snapshot.get("running") else (snapshot.get("stopped") or "finished")
+    # While running, the trainer's latest message ("Saved …", "Preview …"); at the end the status line has it.
+    message = snapshot.get("message") if snapshot.get("running") else ""
+    message = f'<div class="ti-progress-message">{html.escape(message)}</div>' if message else ""
     return (
         f'<div class="ti-progress ti-{html.escape(state)}">'
         f'<div class="ti-progress-bar" role="progressbar" aria-valuemin="0" aria-valuemax="{total}" '
         f'aria-valuenow="{step}"><div class="ti-progress-fill" style="width: {percent:.1f}%"></div></div>'
         f'<div class="ti-progress-text">{html.escape(" · ".join(parts))}</div>'
-        f'<div class="ti-progress-message">{html.escape(snapshot.get("message") or "")}</div></div>'
+        f"{message}</div>"
     )
 
 
@@ -391,12 +394,29 @@ def preview_path(path: Path) -> Path | None:
     return None
 
 
+_card_cache: dict[str, tuple[tuple, CardInfo]] = {}
+
+
 def card_info(path: Path, model_widths: dict[str, int] | None) -> CardInfo:
+    """The card of one embedding file, read again only when the file changed (a refresh of a big folder
+    is then cheap). The preview image is looked up every time: training writes it after the file."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return _read_card(path, model_widths)
+    key = (stat.st_mtime_ns, stat.st_size, tuple(sorted((model_widths or {}).items())))
+    cached = _card_cache.get(str(path))
+    if cached is None or cached[0] != key:
+        cached = _card_cache[str(path)] = (key, _read_card(path, model_widths))
+    return dataclasses.replace(cached[1], preview=preview_path(path))
+
+
+def _read_card(path: Path, model_widths: dict[str, int] | None) -> CardInfo:
     """Read one embedding file for its card; a file that cannot be read becomes a card with the reason."""
     from ti_core.formats import load_embedding
     from ti_core.inspect import architecture_guess
 
-    card = CardInfo(name=path.stem, path=path, preview=preview_path(path))
+    card = CardInfo(name=path.stem, path=path)
     try:
         embedding = load_embedding(path)
     except ValueError as error:
@@ -802,25 +822,39 @@ def inspect_action(backend: Backend, name: str | None) -> str:
 
 # ------------------------------------------------------------------------------------------------- try it
 
-_fitting_cache: dict[tuple[str, int, int], Any] = {}
+_fitting_cache: dict[str, tuple[tuple, Any]] = {}
 
 
 def fitting_embeddings(embeddings_dir: Path, model) -> list:
-    """Every embedding in the folder that fits the model (others are skipped, as the web UIs skip them)."""
-    from ti_core.formats import list_embeddings, load_embedding
+    """Every embedding in the folder that fits the model (others are skipped, as the web UIs skip them).
+    Files are read again only when they change."""
+    from ti_core.formats import list_embeddings
 
     embeddings = {}
     for path in list_embeddings(embeddings_dir):
-        try:
-            key = (str(path), path.stat().st_mtime_ns, id(model))
-            if key not in _fitting_cache:
-                _fitting_cache[key] = load_embedding(path, widths=model.widths)
-            embedding = _fitting_cache[key]
-        except (ValueError, OSError):
-            continue
-        if embedding.widths == model.widths:
+        embedding = _fitting(path, model.widths)
+        if embedding is not None:
             embeddings[embedding.name] = embedding  # a later file with the same token wins, as in A1111
     return list(embeddings.values())
+
+
+def _fitting(path: Path, widths: dict[str, int]):
+    from ti_core.formats import load_embedding
+
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    key = (stat.st_mtime_ns, stat.st_size, tuple(sorted(widths.items())))
+    cached = _fitting_cache.get(str(path))
+    if cached is None or cached[0] != key:
+        try:
+            embedding = load_embedding(path, widths=widths)
+            embedding = embedding if embedding.widths == widths else None
+        except ValueError:
+            embedding = None
+        cached = _fitting_cache[str(path)] = (key, embedding)
+    return cached[1]
 
 
 def render_image(
@@ -1222,7 +1256,7 @@ def _embeddings_tab(backend: Backend):
         output = _make(gr.HTML, value="", elem_id="ti_inspect_output")
     refresh.click(lambda: library_action(backend), None, [cards, name])
     button.click(lambda chosen: inspect_action(backend, chosen), name, output)
-    return refresh, cards, name
+    return cards, name
 
 
 def _model_row(backend: StandaloneBackend) -> None:
@@ -1264,12 +1298,14 @@ def create_ui(backend: Backend):
                     wire_create = _create_tab(backend)
                 with _make(gr.Tab, label="Train", elem_id="ti_train_tab"):
                     train_embedding = _train_tab(demo, backend)
-                with _make(gr.Tab, label="Embeddings", elem_id="ti_embeddings_tab"):
-                    refresh, cards, inspect_name = _embeddings_tab(backend)
+                with _make(gr.Tab, label="Embeddings", elem_id="ti_embeddings_tab") as library_tab:
+                    cards, inspect_name = _embeddings_tab(backend)
         wire_create(train_embedding)
         if backend.inject_assets:
             demo.load(None, None, None, **_js(_client_script()))
-        demo.load(lambda: library_action(backend), None, [cards, inspect_name])
+        # Filled when the tab is opened, not on page load: a web UI's page loads often, and a user's embeddings
+        # folder may hold hundreds of files.
+        library_tab.select(lambda: library_action(backend), None, [cards, inspect_name])
     return demo
 
 
@@ -1323,8 +1359,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def launch(backend: Backend, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Build and serve the standalone app; with block=False return the running Blocks (for tests)."""
     demo = create_ui(backend)
-    queue = _supported(demo.queue, concurrency_count=4, default_concurrency_limit=4)
-    demo.queue(**queue)  # gradio 3 runs one queued event at a time by default: the poller would wait
+    # gradio 3 runs one queued event at a time by default, so the progress poller would wait behind a render;
+    # gradio 4 still names concurrency_count, but only to reject it.
+    limits = _supported(demo.queue, default_concurrency_limit=4) or {"concurrency_count": 4}
+    demo.queue(**limits)
     extra = _page_assets() if backend.inject_assets and _css_goes_to_launch() else {}
     demo.launch(
         server_name=host,

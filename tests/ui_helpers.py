@@ -112,6 +112,7 @@ class UiPage:
         return self
 
     def tab(self, label: str) -> None:
+        self.page.wait_for_selector("#ti_tabs [role=tab], #ti_tabs .tab-nav button", timeout=30_000)
         tabs = self.page.locator("#ti_tabs [role=tab]")
         if tabs.count() == 0:  # gradio 3: plain buttons in .tab-nav
             tabs = self.page.locator("#ti_tabs .tab-nav button")
