@@ -222,11 +222,13 @@ def _training_mode(model, config: TrainConfig) -> Iterator[tuple[torch.device, t
         for module in [model.unet, *encoders]:
             module.to(half)
     model.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
-    _set_checkpointing(model, config.gradient_checkpointing)
+    if config.gradient_checkpointing:
+        _set_checkpointing(model, True)
     try:
         yield device, half
     finally:
-        _set_checkpointing(model, False)
+        if config.gradient_checkpointing:
+            _set_checkpointing(model, False)
 
 
 def _half_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -243,22 +245,19 @@ def _set_checkpointing(model, enabled: bool) -> None:
     passes gradients through a block whose inputs require grad, and nothing but the vectors does here."""
     if enabled:
         model.unet.enable_gradient_checkpointing()
-    elif getattr(model.unet, "is_gradient_checkpointing", False):
+    else:
         model.unet.disable_gradient_checkpointing()
     for encoder in model.encoders:
         module = encoder.model
-        if enabled:
-            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
-                module.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            module.train()  # transformers checkpoints only in training mode; CLIP has no dropout to enable
-        elif getattr(module, "is_gradient_checkpointing", False):
-            disable = (
-                getattr(module, "activation_checkpointing_disable", None) or module.gradient_checkpointing_disable
-            )
-            disable()
-            module.eval()
+        new_api = hasattr(module, "activation_checkpointing_enable")  # transformers >= 5
+        if enabled and new_api:
+            module.activation_checkpointing_enable({"use_reentrant": False})
+        elif enabled:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            (module.activation_checkpointing_disable if new_api else module.gradient_checkpointing_disable)()
+        # transformers checkpoints only in training mode; CLIP has no dropout that train() would switch on.
+        module.train(enabled)
 
 
 def _encode_images(model, config: TrainConfig, run: RunFolder, device: torch.device):

@@ -1,0 +1,163 @@
+"""`python -m ti_core train`: exit codes, error lines, settings files, Ctrl+C and `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ti_core.formats import load_embedding
+from ti_core.train_cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    for index in range(4):
+        Image.new("RGB", (64, 64), (30, 40 * index, 200)).save(folder / f"{index}-a blue square.png")
+    return folder
+
+
+@pytest.fixture
+def base_args(tmp_path, images, tiny_model_dirs):
+    return [
+        "--model", str(tiny_model_dirs["sd1"]),
+        "--embeddings-dir", str(tmp_path / "embeddings"),
+        "--log-dir", str(tmp_path / "logs"),
+        "--name", "cat",
+        "--images", str(images),
+        "--resolution", "64",
+        "--steps", "2",
+        "--preview-every", "0",
+        "--save-every", "0",
+    ]  # fmt: skip
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--embeddings-dir", "e", "--images", "i"], "error: --name is required (or give 'name' in --config)"),
+        (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--steps", "0"], "error: steps must be at least 1, not 0"),
+        (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--learning-rate", "0.1:x"], "error: Invalid learning rate schedule: '0.1:x'"),
+        (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--resolution", "65"], "error: resolution must be a multiple of 8"),
+        (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--mixed-precision", "fp8"], "error: argument --mixed-precision: invalid choice"),
+        (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--config", "missing.json"], "error: --config missing.json: No such file"),
+    ],
+)  # fmt: skip
+def test_usage_errors_exit_2_with_one_error_line(capsys, args, message):
+    assert main(["--model", "m", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(message)
+
+
+def test_unknown_settings_in_a_config_file_are_named(tmp_path, capsys, base_args):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"steps": 3, "learnrate": 0.1, "data": {"flipped": True}}))
+    assert main([*base_args, "--config", str(settings)]) == 2
+    assert capsys.readouterr().err == "error: unknown training setting: learnrate\n"
+
+
+def test_runtime_errors_exit_1_with_one_error_line_and_no_traceback(tmp_path, capsys, base_args):
+    assert main([*base_args[:8], "--images", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert error_lines(err) == [f"error: images: {tmp_path / 'nowhere'} is not a folder"]
+    assert "Traceback" not in err
+
+    args = [*base_args]
+    args[1] = str(tmp_path / "no-model")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and "no-model" in error_lines(err)[0]
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path, base_args):
+    with pytest.raises(ValueError, match="is not a folder"):
+        main([*base_args[:8], "--images", str(tmp_path / "nowhere"), "--debug"])
+
+
+def test_train_then_resume_from_the_saved_settings(tmp_path, capsys, base_args):
+    assert main(base_args) == 0
+    out = capsys.readouterr().out
+    embedding = tmp_path / "embeddings" / "cat.safetensors"
+    assert out.splitlines()[-1] == f"Trained cat to step 2; saved {embedding}"
+    assert load_embedding(embedding).step == 2
+
+    # A second run without --resume would replace the trained embedding: refused.
+    assert main(base_args) == 1
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: {embedding} already exists; resume to continue training it, or overwrite to start again"
+    ]
+
+    # The run's settings.json is a valid --config; flags given override it.
+    settings = tmp_path / "logs" / "cat" / "settings.json"
+    model = base_args[1]
+    assert main(["--model", model, "--config", str(settings), "--resume", "--steps", "3"]) == 0
+    assert "from step 2 to step 3; optimizer state restored" in capsys.readouterr().out
+    assert load_embedding(embedding).step == 3
+    assert json.loads(settings.read_text())["steps"] == 3
+
+
+def test_a_diverging_run_exits_1_and_keeps_finite_vectors(tmp_path, capsys, base_args):
+    assert main([*base_args, "--steps", "6", "--learning-rate", "1e30"]) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith("error: Training stopped: the ")
+    assert "saved the last finite vectors" in line
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+
+
+def test_ctrl_c_saves_and_exits_0(tmp_path, base_args):
+    args = [*base_args, "--steps", "100000"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ti_core.train_cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
+    started = process.stdout.readline()
+    assert started.startswith("Training cat on 4 images"), started + process.stderr.read()
+    time.sleep(2)  # a few steps
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "Stopping after this step" in err
+    message = out.splitlines()[-1]
+    assert message.startswith("Training interrupted at step ")
+    step = int(message.split("step ")[1].split(";")[0])
+    assert load_embedding(tmp_path / "embeddings" / "cat.safetensors").step == step
+
+
+def test_two_processes_under_accelerate_launch(tmp_path, base_args):
+    # accelerate's multi-process launcher is --multi_gpu; ACCELERATE_USE_CPU makes it gloo on the CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    args = [*base_args, "--steps", "3", "--save-every", "3"]
+    env = {**cli_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*launch, "-m", "ti_core.train_cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "Training cat on 4 images on 2 processes, from the start to step 3"  # printed once: rank 0
+    assert lines[-1].endswith("(2 processes finished with identical vectors)")
+    assert sorted(path.name for path in (tmp_path / "embeddings").iterdir()) == ["cat.safetensors"]
+    assert load_embedding(tmp_path / "embeddings" / "cat.safetensors").step == 3
+    assert (tmp_path / "logs" / "cat" / "cat-3.safetensors").is_file()
