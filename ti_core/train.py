@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -250,12 +251,17 @@ def _set_checkpointing(model, enabled: bool) -> None:
     for encoder in model.encoders:
         module = encoder.model
         new_api = hasattr(module, "activation_checkpointing_enable")  # transformers >= 5
-        if enabled and new_api:
+        if not enabled:
+            (module.activation_checkpointing_disable if new_api else module.gradient_checkpointing_disable)()
+        elif new_api:
             module.activation_checkpointing_enable({"use_reentrant": False})
-        elif enabled:
+        elif "gradient_checkpointing_kwargs" in inspect.signature(module.gradient_checkpointing_enable).parameters:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            (module.activation_checkpointing_disable if new_api else module.gradient_checkpointing_disable)()
+            # transformers < 4.35 (AUTOMATIC1111 pins 4.30) can only checkpoint reentrantly, which would cut
+            # the gradient to the vectors. The text encoders hold little activation memory next to the
+            # UNet, so they simply run without checkpointing there.
+            continue
         # transformers checkpoints only in training mode; CLIP has no dropout that train() would switch on.
         module.train(enabled)
 
