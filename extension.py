@@ -60,6 +60,7 @@ class Backend:
     has_try_it: bool = False  # the Try-it panel (the hosts have txt2img instead)
     has_model_picker: bool = False  # a model dropdown above the tabs (the hosts have their own)
     inject_assets: bool = False  # add ti.js and style.css to the page (the hosts load them themselves)
+    mixed_precision: str = "no"  # the Train tab's default: "no", "fp16" or "bf16"
 
     def __init__(
         self, embeddings_dir: Path | None = None, log_dir: Path | None = None, templates_dir: Path | None = None
@@ -85,6 +86,11 @@ class Backend:
     def model_label(self) -> str:
         model = self.loaded_model()
         return model.name if model is not None else "no model"
+
+    def default_resolution(self) -> int:
+        """The Train tab's starting resolution: the model's native one when it is at hand."""
+        model = self.loaded_model()
+        return int(model.resolution) if model is not None else 512
 
     def reload_embeddings(self) -> None:
         """Called after an embedding file was written, so the host's prompt parser sees it."""
@@ -998,6 +1004,11 @@ def _create_tab(backend: Backend) -> Callable[[Any], None]:
     return wire
 
 
+def _precision_default(backend: Backend) -> str:
+    choice = getattr(backend, "mixed_precision", "no")
+    return choice if choice in ("no", "fp16", "bf16") else "no"
+
+
 def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
     """The settings column; returns the embedding picker, the components in TRAIN_FIELDS order, and the
     scan inputs."""
@@ -1063,7 +1074,13 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
         steps = _make(gr.Number, value=2000, precision=0, label="Steps", elem_id="ti_train_steps", minimum=1)
     with gr.Row():
         resolution = _make(
-            gr.Slider, minimum=32, maximum=2048, step=8, value=512, label="Resolution", elem_id="ti_train_resolution"
+            gr.Slider,
+            minimum=32,
+            maximum=2048,
+            step=8,
+            value=backend.default_resolution(),
+            label="Resolution",
+            elem_id="ti_train_resolution",
         )
         buckets = _make(gr.Checkbox, label="Aspect-ratio buckets", value=False, elem_id="ti_train_buckets")
         flip = _make(gr.Checkbox, label="Random horizontal flip", value=False, elem_id="ti_train_flip")
@@ -1083,7 +1100,7 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
         precision = _make(
             gr.Dropdown,
             choices=["no", "fp16", "bf16"],
-            value="no",
+            value=_precision_default(backend),
             label="Mixed precision",
             elem_id="ti_train_precision",
         )

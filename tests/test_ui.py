@@ -365,3 +365,79 @@ def test_without_a_model_the_page_says_how_to_give_one(browser, tmp_path):
         context.close()
     finally:
         stop_app(demo)
+
+
+def test_inspect_shows_norms_and_the_nearest_tokens(tiny_models, tmp_path):
+    backend = extension.StandaloneBackend(embeddings_dir=tmp_path, log_dir=tmp_path / "log")
+    backend._model = tiny_models["sd1"]  # as if loaded: inspect never loads a model by itself
+    save_embedding(create_embedding(tiny_models["sd1"], "like-a-cat", "cat", 1), tmp_path)
+    page = extension.inspect_action(backend, "like-a-cat")
+    assert "<td>clip_l</td><td>0</td>" in page
+    assert "cat (1.00)" in page  # an untrained vector is exactly the token it started from
+
+
+def test_a_model_that_fails_to_load_is_one_status_line(tmp_path):
+    backend = extension.StandaloneBackend(model=str(tmp_path / "missing"), embeddings_dir=tmp_path, log_dir=tmp_path)
+    status, _ = extension.create_action(backend, "cat", "cat", 1, False)
+    assert status.count("<div") == 1 and "missing" in status and "ti-status-error" in status
+
+
+def test_standalone_binds_loopback_unless_told_to_listen(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(extension, "launch", lambda backend, *, host, port, block: seen.update(host=host, port=port))
+    extension.main(["--embeddings-dir", str(tmp_path), "--port", "7999"], block=False)
+    assert seen == {"host": "127.0.0.1", "port": 7999}
+    extension.main(["--embeddings-dir", str(tmp_path), "--listen"], block=False)
+    assert seen["host"] == "0.0.0.0"
+
+
+@pytest.mark.ui
+def test_inside_a_host_page_cards_write_to_the_last_focused_prompt(browser, tiny_models, tmp_path):
+    """A web UI renders our Blocks inside its own page and injects ti.js; its prompts are txt2img's."""
+    save_embedding(create_embedding(tiny_models["sd1"], "host-card", "dog", 1), tmp_path / "emb")
+    backend = extension.Backend(tmp_path / "emb", tmp_path / "log")
+    tab = extension.create_ui(backend)  # built before the page, as A1111 calls on_ui_tabs callbacks
+    with gr.Blocks() as host_page:
+        gr.Textbox(label="Prompt", elem_id="txt2img_prompt")
+        gr.Textbox(label="Negative prompt", elem_id="txt2img_neg_prompt")
+        tab.render()
+        host_page.load(None, None, None, **extension._js(extension._client_script()))  # the host's <head> script
+    port = free_port()
+    host_page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        loopback_only(page)
+        ui = UiPage(page, f"http://127.0.0.1:{port}/").open()
+        ui.tab("Embeddings")  # opening the tab fills the library
+        card = page.locator('#ti_embeddings_list .ti-card[data-ti-name="host-card"]')
+        card.wait_for(timeout=30_000)
+        assert "no model loaded" in card.inner_text()  # the base Backend has none: no fit badge, no failure
+        card.click()
+        ui.wait_value("txt2img_prompt", r"^host-card$")
+        ui.wait_text("ti_embeddings_insert_status", r"Added host-card to the txt2img prompt")
+        ui.field("txt2img_neg_prompt").fill("blurry")
+        card.click()
+        ui.wait_value("txt2img_neg_prompt", r"^blurry host-card$")
+        card.click()
+        ui.wait_value("txt2img_neg_prompt", r"^blurry$")
+        assert ui.value("txt2img_prompt") == "host-card"
+        # The progress poller runs inside the host's page too: it shows how the last run ended.
+        _failed_run(tmp_path)
+        ui.tab("Train")
+        ui.wait_text("ti_train_status", r"Training failed: no model in this test")
+        assert not ui.errors
+        context.close()
+    finally:
+        stop_app(host_page)
+
+
+def _failed_run(tmp_path):
+    def no_model():
+        raise ValueError("no model in this test")
+
+    (tmp_path / "images").mkdir(exist_ok=True)
+    config = TrainConfig.from_dict(
+        {"name": "nothing", "embeddings_dir": str(tmp_path), "data": {"images": str(tmp_path / "images")}}
+    )
+    assert extension.TrainingJob.start(no_model, config).wait(30)
