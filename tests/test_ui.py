@@ -318,6 +318,13 @@ def test_interrupt_saves_the_embedding_and_says_so(ui, app):
     ui.wait_text("ti_train_progress", rf"Step {step} / 5000")
     ui.screenshot("train-interrupted")
 
+    ui.click("ti_train_button")  # Train again would start over: refused, pointing at Resume
+    ui.wait_text("ti_train_status", rf"already trained to step {step}: press Resume")
+    ui.fill("ti_train_steps", step + 2)
+    ui.click("ti_train_resume")
+    ui.wait_text("ti_train_status", rf"Trained ui-interrupted to step {step + 2}", timeout=60)
+    assert load_embedding(final).step == step + 2
+
 
 @pytest.mark.ui
 def test_library_card_click_adds_then_removes_the_token(ui, app):
