@@ -11,12 +11,24 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from ti_core.formats import load_embedding
 from ti_core.train_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy CI machine the threads wait for each
+    other: one thread runs these tests several times faster. (Module-wide, so the module fixtures that
+    train use the same thread count as the tests that compare with them.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +131,13 @@ def test_a_diverging_run_exits_1_and_keeps_finite_vectors(tmp_path, capsys, base
 
 
 def cli_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def test_ctrl_c_saves_and_exits_0(tmp_path, base_args):
@@ -150,7 +168,7 @@ def test_two_processes_under_accelerate_launch(tmp_path, base_args):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     args = [*base_args, "--steps", "3", "--save-every", "3"]
-    env = {**cli_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**cli_env(), "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(
         [*launch, "-m", "ti_core.train_cli", *args], capture_output=True, text=True, env=env, timeout=300
     )

@@ -242,28 +242,32 @@ def _half_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | Non
 
 def _set_checkpointing(model, enabled: bool) -> None:
     """Gradient checkpointing on the UNet and the text encoders: recompute activations in the backward
-    pass (about +50 % compute) instead of storing them. Non-reentrant, because the reentrant variant only
-    passes gradients through a block whose inputs require grad, and nothing but the vectors does here."""
+    pass (about +50 % compute) instead of storing them. Non-reentrant where the library lets us choose:
+    the reentrant variant passes gradients only through blocks whose inputs require grad."""
     if enabled:
         model.unet.enable_gradient_checkpointing()
     else:
         model.unet.disable_gradient_checkpointing()
     for encoder in model.encoders:
-        module = encoder.model
-        new_api = hasattr(module, "activation_checkpointing_enable")  # transformers >= 5
-        if not enabled:
-            (module.activation_checkpointing_disable if new_api else module.gradient_checkpointing_disable)()
-        elif new_api:
-            module.activation_checkpointing_enable({"use_reentrant": False})
-        elif "gradient_checkpointing_kwargs" in inspect.signature(module.gradient_checkpointing_enable).parameters:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            # transformers < 4.35 (AUTOMATIC1111 pins 4.30) can only checkpoint reentrantly, which would cut
-            # the gradient to the vectors. The text encoders hold little activation memory next to the
-            # UNet, so they simply run without checkpointing there.
-            continue
-        # transformers checkpoints only in training mode; CLIP has no dropout that train() would switch on.
+        _text_encoder_checkpointing(encoder.model, enabled)
+    # Older diffusers and all transformers checkpoint only in training mode. Nothing else changes with it:
+    # SD's UNets and CLIP have no batch norm and their dropout rates are 0.
+    for module in [model.unet, *(encoder.model for encoder in model.encoders)]:
         module.train(enabled)
+
+
+def _text_encoder_checkpointing(module, enabled: bool) -> None:
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+        if enabled:
+            module.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            module.activation_checkpointing_disable()
+    elif not enabled:
+        module.gradient_checkpointing_disable()
+    elif "gradient_checkpointing_kwargs" in inspect.signature(module.gradient_checkpointing_enable).parameters:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 4.35 (A1111 pins 4.30): reentrant only; fine, the spliced states require grad
+        module.gradient_checkpointing_enable()
 
 
 def _encode_images(model, config: TrainConfig, run: RunFolder, device: torch.device):

@@ -5,7 +5,8 @@
 Settings come from TrainConfig's defaults, then a JSON file (`--config`, e.g. a run's settings.json),
 then the flags given. Progress is a tqdm bar; Ctrl+C stops after the current step and saves. It runs
 unchanged under `accelerate launch -m ti_core.train_cli ...`: each process trains on its share of the
-batches and only the main one writes.
+batches and only the main one writes. Several CPU processes (gloo) need accelerate's multi-process
+launcher: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m ti_core.train_cli ...`.
 """
 
 from __future__ import annotations
