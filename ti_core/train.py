@@ -146,7 +146,7 @@ def train(
         stopped, message, error = "done", "", None
         try:
             while step < config.steps:
-                if procs.any(cancel is not None and cancel.is_set(), device):
+                if procs.any(cancel is not None and cancel.is_set()):
                     stopped = "interrupted"
                     break
                 lr = learning_rate_at(schedule, step, config.warmup_steps)
@@ -161,7 +161,7 @@ def train(
                         value = batch_loss(model, noise_scheduler, vectors, batch, prompts, noise_rng, config)
                     scaler.scale(value / config.gradient_accumulation).backward()
                     loss += value.item() / config.gradient_accumulation
-                loss = procs.mean(loss, device)
+                loss = procs.mean(loss)
                 # Checked before the optimizer step, so a diverged step never reaches the vectors.
                 if not math.isfinite(loss):
                     stopped, message = "nan", f"the loss became {loss} at step {step + 1}"
@@ -419,9 +419,8 @@ def diffusion_loss(
     if weights is None:
         per_sample = error.mean(dim=(1, 2, 3))
     else:
-        per_sample = (error * weights).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3)) * error.shape[1]).clamp_min(
-            1e-8
-        )
+        coverage = weights.sum(dim=(1, 2, 3)) * error.shape[1]  # weights are [B, 1, h, w]; error is [B, C, h, w]
+        per_sample = (error * weights).sum(dim=(1, 2, 3)) / coverage.clamp_min(1e-8)
     if min_snr_gamma > 0:
         per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma, v_prediction)
     return per_sample.mean()
@@ -713,17 +712,17 @@ class Processes:
         self.world = accelerator.num_processes if accelerator else 1
         self.is_main = self.rank == 0
 
-    def _sum(self, values: list[float], device: torch.device) -> list[float]:
+    def _sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
             return values
         return self.accelerator.reduce(torch.tensor(values, device=self.accelerator.device), reduction="sum").tolist()
 
-    def mean(self, value: float, device: torch.device) -> float:
-        return self._sum([value], device)[0] / self.world
+    def mean(self, value: float) -> float:
+        return self._sum([value])[0] / self.world
 
-    def any(self, flag: bool, device: torch.device) -> bool:
+    def any(self, flag: bool) -> bool:
         """True in every process if it is true in one (so all stop at the same step)."""
-        return self._sum([float(flag)], device)[0] > 0
+        return self._sum([float(flag)])[0] > 0
 
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         if self.world > 1:
