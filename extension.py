@@ -664,18 +664,25 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
         # An untrained embedding (step 0, as Create wrote it) is "resumed" from its initial vectors: train()
         # only re-creates an embedding from the init text when told to overwrite it.
         config = TrainConfig.from_dict(train_settings(values, name=name, backend=backend, resume=True))
-        job: TrainingJob | None = None
-
-        def on_event(_event) -> None:
-            backend.report(job.snapshot())
-            if backend.interrupt_requested():
-                job.cancel()
-
-        job = TrainingJob.start(backend.current_model, config, on_event, context=backend.training_context)
+        TrainingJob.start(backend.current_model, config, _host_observer(backend), context=backend.training_context)
     except (ValueError, RuntimeError) as error:
         return _error(error)
     verb = "Resuming" if resume else "Training"
     return _status(f"{verb} {config.name} to step {config.steps}…")
+
+
+def _host_observer(backend: Backend) -> Callable[[Any], None]:
+    """On every training event: mirror the progress into the host, and honour the host's Interrupt button."""
+
+    def on_event(_event) -> None:
+        job = current_job()  # the job this event belongs to: one runs at a time
+        if job is None:
+            return
+        backend.report(job.snapshot())
+        if backend.interrupt_requested():
+            job.cancel()
+
+    return on_event
 
 
 def _trained_step(backend: Backend, name: str) -> int:

@@ -448,3 +448,36 @@ def _failed_run(tmp_path):
         {"name": "nothing", "embeddings_dir": str(tmp_path), "data": {"images": str(tmp_path / "images")}}
     )
     assert extension.TrainingJob.start(no_model, config).wait(30)
+
+
+def test_the_host_sees_progress_and_its_interrupt_button_stops_the_run(monkeypatch, tiny_models, tmp_path):
+    import ti_core.train
+    from ti_core.train import TrainEvent, TrainResult
+
+    def fake_train(model, config, callback=None, *, cancel=None, accelerator=None):
+        for step in range(1, 100):
+            if cancel.is_set():
+                return TrainResult(None, step - 1, "interrupted", f"Training interrupted at step {step - 1}", tmp_path)
+            callback(TrainEvent("step", step, config.steps, loss=0.1, lr=0.005))
+        return TrainResult(None, 99, "done", "done", tmp_path)
+
+    class Host(extension.Backend):
+        reports: list = []
+
+        def current_model(self):
+            return tiny_models["sd1"]
+
+        def report(self, snapshot):
+            self.reports.append(snapshot["step"])
+
+        def interrupt_requested(self):
+            return len(self.reports) >= 3
+
+    monkeypatch.setattr(ti_core.train, "train", fake_train)
+    host = Host(tmp_path / "emb", tmp_path / "log")
+    save_embedding(create_embedding(tiny_models["sd1"], "cat", "cat", 1), host.embeddings_dir)
+    status = extension.start_training(host, False, "cat", *tab_values(data__images=str(tmp_path), steps=99))
+    assert "Training cat to step 99" in status
+    assert extension.current_job().wait(10)
+    assert host.reports == [1, 2, 3]
+    assert extension.current_job().snapshot()["message"] == "Training interrupted at step 3"
