@@ -286,6 +286,8 @@ def progress_html(snapshot: dict | None) -> str:
         parts.append(f"took {format_duration(snapshot.get('elapsed_seconds'))}")
     if snapshot.get("loss") is not None:
         parts.append(f"loss {snapshot['loss']:.4f}")
+    if snapshot.get("validation_loss") is not None:
+        parts.append(f"validation loss {snapshot['validation_loss']:.4f}")
     if snapshot.get("lr") is not None:
         parts.append(f"lr {snapshot['lr']:.3g}")
     state = "running" if snapshot.get("running") else (snapshot.get("stopped") or "finished")

@@ -145,3 +145,18 @@ def _wait_for(job: TrainingJob, ready, timeout: float = 10) -> dict:
             return snapshot
         deadline.wait(0.02)
     raise AssertionError(f"the job never got there: {job.snapshot()}")
+
+
+def test_validation_loss_is_kept_apart_and_nan_is_not_json(fake_train, tmp_path):
+    fake_train.events = [
+        TrainEvent("step", 1, 4, loss=0.5),
+        TrainEvent("validation", 1, 4, loss=0.7, message="Validation loss 0.7"),
+        TrainEvent("step", 2, 4, loss=float("nan")),
+    ]
+    fake_train.gate.set()
+    job = TrainingJob.start(lambda: object(), _config(tmp_path))
+    assert job.wait(10)
+    snapshot = job.snapshot()
+    assert snapshot["validation_loss"] == 0.7 and snapshot["loss"] is None
+    assert snapshot["losses"] == [[1, 0.5]]  # a non-finite loss is not plotted
+    json.dumps(snapshot, allow_nan=False)

@@ -44,6 +44,7 @@ class TrainingJob:
             "step": 0,
             "total": int(getattr(config, "steps", 0) or 0),
             "loss": None,
+            "validation_loss": None,
             "lr": None,
             "steps_per_second": None,
             "eta_seconds": None,
@@ -151,8 +152,8 @@ class TrainingJob:
             if value is not None:
                 changes[field] = _plain(value)
         loss = getattr(event, "loss", None)
-        if loss is not None:
-            changes["loss"] = _plain(loss)
+        if loss is not None:  # a validation event's loss is the held-out loss, kept apart from the training loss
+            changes["validation_loss" if kind == "validation" else "loss"] = _plain(loss)
         message = getattr(event, "message", "")
         if message:
             changes["message"] = message
@@ -218,9 +219,10 @@ def _plain(value: Any) -> Any:
     if isinstance(value, bool | int | str):
         return value
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return str(value)
+    return number if math.isfinite(number) else None  # strict JSON has no NaN; the message says what happened
 
 
 def _one_line(error: BaseException) -> str:
