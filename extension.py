@@ -1372,10 +1372,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model", help="a diffusers folder, a .safetensors/.ckpt checkpoint or a hub id")
     parser.add_argument("--models-dir", type=Path, help="a folder of checkpoints to pick from")
-    parser.add_argument("--embeddings-dir", type=Path, default=Path("embeddings"))
-    parser.add_argument("--log-dir", type=Path, default=Path("textual_inversion"))
+    parser.add_argument("--embeddings-dir", type=Path, default=Path("embeddings"), help="default: ./embeddings")
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=Path("textual_inversion"),
+        help="previews, snapshots, loss log (default: ./textual_inversion)",
+    )
     parser.add_argument("--templates-dir", type=Path, help="extra prompt templates (*.txt)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="default: 7860")
     parser.add_argument(
         "--listen", action="store_true", help="serve on all interfaces (0.0.0.0), not only this machine"
     )
