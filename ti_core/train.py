@@ -266,8 +266,9 @@ def _text_encoder_checkpointing(module, enabled: bool) -> None:
         module.gradient_checkpointing_disable()
     elif "gradient_checkpointing_kwargs" in inspect.signature(module.gradient_checkpointing_enable).parameters:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:  # transformers < 4.35 (A1111 pins 4.30): reentrant only; fine, the spliced states require grad
-        module.gradient_checkpointing_enable()
+    # else: transformers < 4.35 (AUTOMATIC1111 pins 4.30) can only checkpoint reentrantly, which would cut the
+    # gradient to the vectors. The text encoders hold little activation memory next to the UNet, so they
+    # simply run without checkpointing there.
 
 
 def _encode_images(model, config: TrainConfig, run: RunFolder, device: torch.device):
