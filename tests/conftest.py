@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -39,3 +40,14 @@ def arch(request) -> str:
 @pytest.fixture
 def tiny_model(tiny_models, arch):
     return tiny_models[arch]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy CI machine the threads wait for each
+    other: one thread runs training tests several times faster. (Module-wide, so module fixtures that
+    train use the same thread count as the tests that compare with them.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

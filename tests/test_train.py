@@ -39,15 +39,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 NAME = "tok"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy CI machine the threads wait for each
-    other: one thread runs these tests several times faster. (Module-wide, so the module fixtures that
-    train use the same thread count as the tests that compare with them.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
