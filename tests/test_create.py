@@ -7,7 +7,7 @@ import torch
 
 from ti_core.create import create_embedding, init_token_ids
 from ti_core.embedding import spread_vectors
-from ti_core.prompt import CHUNK_TOKENS, encode_prompts, token_count
+from ti_core.prompt import CHUNK_TOKENS, PromptTokenCache, encode_prompts, encode_tokenized, token_count
 
 
 def max_difference(a, b) -> float:
@@ -125,3 +125,20 @@ def test_embedding_of_wrong_width_is_a_clear_error(tiny_models):
     sd1_embedding = create_embedding(tiny_models["sd1"], "foreign", "tree", 1)
     with pytest.raises(ValueError, match="does not fit this sd2 model"):
         encode_prompts(tiny_models["sd2"], ["a foreign"], [sd1_embedding])
+
+
+def test_cached_prompt_tokens_condition_exactly_like_fresh_ones(tiny_model):
+    """Training tokenizes each template line once; a repeated, a long and an embedding-free prompt must
+    condition the model exactly as uncached encoding does, for every encoder (SDXL has two tokenizers)."""
+    embedding = create_embedding(tiny_model, "zzzz1234", "tree", 3)
+    vectors = {embedding.name: embedding.vectors}
+    tokenize = PromptTokenCache(tiny_model, {embedding.name: 3}, limit=2)
+    prompts = ["a zzzz1234 by monet", "a photo", " ".join(["word"] * 80) + " zzzz1234", "a zzzz1234 by monet"]
+    for _ in range(2):  # the second pass runs from the cache (or after evictions: limit 2 < 3 prompts)
+        for prompt in prompts:
+            cached = encode_tokenized(tiny_model, tokenize([prompt, prompt]), vectors)
+            fresh = encode_prompts(tiny_model, [prompt, prompt], [embedding])
+            assert torch.equal(cached.hidden_states, fresh.hidden_states)
+            if fresh.pooled is not None:
+                assert torch.equal(cached.pooled, fresh.pooled)
+    assert len(tokenize) <= 2

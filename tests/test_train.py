@@ -171,6 +171,24 @@ def test_only_the_vectors_change_and_every_encoder_learns(tmp_path, images, tiny
     assert all(math.isfinite(event.loss) for event in events if event.kind == "step")
 
 
+def test_the_model_predicts_exactly_as_before_after_a_run(tmp_path, images, tiny_models):
+    """Training changes the UNet's attention calls and memory layout for speed; whoever uses the model next
+    (the host's txt2img) must get bit-identical predictions, from a model that looks as it did."""
+    model = tiny_models["sd1"]
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        before = model.unet(latents, 500, encoder_hidden_states=context).sample
+    result, _ = run(model, make_config(tmp_path, images))
+    assert result.stopped == "done", result.message
+    with torch.no_grad():
+        after = model.unet(latents, 500, encoder_hidden_states=context).sample
+    assert torch.equal(before, after)
+    assert not any("forward" in vars(module) for module in model.unet.modules())
+    assert all(p.is_contiguous() for p in model.unet.parameters())
+
+
 def test_outputs_of_a_run(tmp_path, images, tiny_models):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 

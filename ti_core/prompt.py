@@ -218,3 +218,30 @@ def tokenize_for_model(
 ) -> dict[str, list[TokenizedPrompt]]:
     """Each encoder's tokenization of the prompts (SDXL's second tokenizer pads with "!", not EOS)."""
     return {e.key: [tokenize_prompt(e.tokenizer, prompt, vector_counts) for prompt in prompts] for e in model.encoders}
+
+
+class PromptTokenCache:
+    """`tokenize_for_model` for one set of embeddings, remembering each prompt's tokens.
+
+    A training run renders the same few template lines over and over; BPE and text cleaning cost about as
+    much per step as the optimizer (bench/RESULTS.md). The cache is bounded because shuffled or dropped tags
+    make nearly every prompt new. Cached `TokenizedPrompt`s are shared, so callers must not modify them
+    (`encode_tokenized` only reads them).
+    """
+
+    def __init__(self, model, vector_counts: Mapping[str, int], limit: int = 4096) -> None:
+        self.model, self.vector_counts, self.limit = model, dict(vector_counts), limit
+        self._tokens: dict[str, dict[str, TokenizedPrompt]] = {}
+
+    def __call__(self, prompts: Sequence[str]) -> dict[str, list[TokenizedPrompt]]:
+        for prompt in prompts:
+            if prompt not in self._tokens:
+                if len(self._tokens) >= self.limit:
+                    self._tokens.pop(next(iter(self._tokens)))  # the oldest entry
+                self._tokens[prompt] = {
+                    e.key: tokenize_prompt(e.tokenizer, prompt, self.vector_counts) for e in self.model.encoders
+                }
+        return {e.key: [self._tokens[prompt][e.key] for prompt in prompts] for e in self.model.encoders}
+
+    def __len__(self) -> int:
+        return len(self._tokens)

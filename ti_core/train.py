@@ -25,7 +25,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from .data import encode_dataset, load_template, render_prompt, scan_images
 from .embedding import Embedding
 from .formats import atomic_write, load_embedding, save_embedding, save_embedding_to
 from .names import embedding_path
-from .prompt import Conditioning, encode_prompts, encode_tokenized, tokenize_for_model
+from .prompt import Conditioning, PromptTokenCache, TokenizedPrompt, encode_prompts, encode_tokenized
 from .schedule import learning_rate_at, parse_schedule
 
 CSV_COLUMNS = ("step", "epoch", "loss", "learning_rate", "seconds", "validation_loss")
@@ -128,6 +128,7 @@ def train(
         schedule = parse_schedule(config.learning_rate)
         noise_scheduler = _noise_scheduler(model, config)
         norm_limits = vocabulary_norm_limits(model, config.norm_control)
+        tokenize = PromptTokenCache(model, {config.name: embedding.num_vectors})
         outputs = Outputs(
             model, config, run, procs, embedding, emit, noise_scheduler,
             validation=validation_set(dataset, template, config, device) if config.validation_every else [],
@@ -157,8 +158,9 @@ def train(
                     epoch, batch = next(stream)
                     noise_rng, prompt_rng = step_generators(config.seed, step, micro, procs.rank, device)
                     prompts = [_training_prompt(template, config, caption, prompt_rng) for caption in batch.captions]
+                    tokens = tokenize(prompts)
                     with _autocast(device, half):
-                        value = batch_loss(model, noise_scheduler, vectors, batch, prompts, noise_rng, config)
+                        value = batch_loss(model, noise_scheduler, vectors, batch, tokens, noise_rng, config)
                     scaler.scale(value / config.gradient_accumulation).backward()
                     loss += value.item() / config.gradient_accumulation
                 loss = procs.mean(loss)
@@ -223,14 +225,18 @@ def _training_mode(model, config: TrainConfig) -> Iterator[tuple[torch.device, t
         for module in [model.unet, *encoders]:
             module.to(half)
     model.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
-    # channels_last lets the convolutions use their fastest kernels (bench/RESULTS.md: +10 % per step on
-    # CPU); it changes only the memory layout, so it is undone for whoever uses the model next.
-    model.unet.to(memory_format=torch.channels_last)
-    if config.gradient_checkpointing:
-        _set_checkpointing(model, True)
+    attention = []
     try:
+        attention = _call_processors_directly(model.unet)
+        # channels_last lets the convolutions use their fastest kernels (bench/RESULTS.md: +10 % per step
+        # on CPU); it changes only the memory layout, so it is undone for whoever uses the model next.
+        model.unet.to(memory_format=torch.channels_last)
+        if config.gradient_checkpointing:
+            _set_checkpointing(model, True)
         yield device, half
     finally:
+        for module in attention:
+            del module.forward  # the class's forward again
         model.unet.to(memory_format=torch.contiguous_format)
         if config.gradient_checkpointing:
             _set_checkpointing(model, False)
@@ -242,6 +248,29 @@ def _half_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | Non
     if mixed_precision == "fp16" and device.type == "cpu":
         raise ValueError("fp16 mixed precision needs a GPU; on the CPU use bf16 or no")
     return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def _call_processors_directly(unet) -> list:
+    """Make the UNet's attention modules call their processor directly, as diffusers' `Attention.forward`
+    does after filtering extra keyword arguments through `inspect.signature` on every call: 32 times a
+    step for SD1.5, 2 % of a CPU step (bench/RESULTS.md) and more of a launch-bound GPU step at batch 1.
+    Training passes no extra arguments, so there is nothing to filter. Returns the modules changed; the
+    caller deletes their `forward` to restore them."""
+    from diffusers.models.attention_processor import Attention
+
+    def direct(module):
+        def forward(hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+            return module.processor(
+                module, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                **kwargs,
+            )  # fmt: skip
+
+        return forward
+
+    modules = [module for module in unet.modules() if isinstance(module, Attention)]
+    for module in modules:
+        module.forward = direct(module)
+    return modules
 
 
 def _set_checkpointing(model, enabled: bool) -> None:
@@ -378,11 +407,12 @@ def batch_loss(
     noise_scheduler,
     vectors: Mapping[str, torch.Tensor],
     batch,
-    prompts: list[str],
+    tokenized: Mapping[str, Sequence[TokenizedPrompt]],
     generator,
     config: TrainConfig,
 ) -> torch.Tensor:
-    """The loss of one batch at random timesteps and noise drawn from `generator`."""
+    """The loss of one batch (its prompts tokenized for each encoder) at random timesteps and noise drawn
+    from `generator`."""
     device = generator.device
     latents = batch.latents.to(device)
     noise = torch.randn(latents.shape, generator=generator, device=device)
@@ -392,7 +422,6 @@ def batch_loss(
     timesteps = torch.randint(
         config.timestep_min, config.timestep_max, (len(latents),), generator=generator, device=device
     )
-    tokenized = tokenize_for_model(model, prompts, {config.name: next(iter(vectors.values())).shape[0]})
     conditioning = encode_tokenized(model, tokenized, {config.name: vectors})
     weights = None if batch.weights is None else batch.weights.to(device)
     return diffusion_loss(
