@@ -582,7 +582,7 @@ def _dropdown_names(backend: Backend, selected: str | None = None):
 def create_action(backend: Backend, name: str, init_text: str, vectors: float, overwrite: bool):
     """Create button: write the embedding file, tell the host, select it in the Train tab."""
     from ti_core.create import create_embedding
-    from ti_core.formats import save_embedding
+    from ti_core.formats import refuse_name_clash, save_embedding
     from ti_core.names import embedding_path
 
     vectors = int(vectors)
@@ -590,6 +590,7 @@ def create_action(backend: Backend, name: str, init_text: str, vectors: float, o
         target = embedding_path(backend.embeddings_dir, name)
         if target.exists() and not overwrite:
             raise ValueError(f"{target.name} already exists in {target.parent}; tick Overwrite to replace it")
+        refuse_name_clash(Path(backend.embeddings_dir), name, target)
         embedding = create_embedding(backend.current_model(), name, init_text, vectors)
         path = save_embedding(embedding, backend.embeddings_dir, overwrite=overwrite)
     except (ValueError, OSError) as error:

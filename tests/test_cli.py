@@ -12,7 +12,7 @@ import torch
 
 from ti_core.cli import main
 from ti_core.create import create_embedding
-from ti_core.formats import load_embedding
+from ti_core.formats import export_a1111_pt, load_embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,26 @@ def test_create_refuses_to_replace_without_overwrite(tiny_model_dirs, tmp_path, 
     assert (tmp_path / "dup.safetensors").read_bytes() == before
     assert main([*args, "--init-text", "cat", "--overwrite"]) == 0
     assert (tmp_path / "dup.safetensors").read_bytes() != before
+
+
+def test_create_refuses_a_name_an_a1111_pt_already_gives_even_with_overwrite(
+    tiny_model_dirs, tiny_models, tmp_path, capsys
+):
+    """The web UI would load `Dup.pt` and `dup.safetensors` as the same token; --overwrite replaces only our
+    own file, so it does not make the clash acceptable, and the .pt is left alone."""
+    (tmp_path / "Dup.pt").write_bytes(b"")  # zero bytes: the web UIs skip it, so it is no clash
+    args = ["create", "--model", str(tiny_model_dirs["sd1"]), "--name", "dup", "--embeddings-dir", str(tmp_path)]
+    assert main(args) == 0
+    (tmp_path / "dup.safetensors").unlink()
+    export_a1111_pt(create_embedding(tiny_models["sd1"], "Dup", "cat", 1), tmp_path / "Dup.pt")
+    before = (tmp_path / "Dup.pt").read_bytes()
+    capsys.readouterr()
+    for extra in ([], ["--overwrite"]):
+        assert main([*args, *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "Dup.pt" in err and "clash" in err and len(err.splitlines()) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["Dup.pt"]
+    assert (tmp_path / "Dup.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "CON", ""])

@@ -382,6 +382,65 @@ def test_existing_embedding_needs_resume_or_overwrite(tmp_path, images, tiny_mod
         train(model, make_config(tmp_path, images, name="other", resume=True))
 
 
+def _a1111_pt(model, folder, name, step, subfolder=""):
+    """An A1111 `.pt` embedding (the web UI's own Train tab writes these) trained to `step`."""
+    from ti_core.create import create_embedding
+    from ti_core.formats import export_a1111_pt
+
+    embedding = create_embedding(model, name, "a cat", 2)
+    embedding.step = step
+    target = folder / subfolder / f"{name}.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return export_a1111_pt(embedding, target), embedding
+
+
+def test_resuming_an_a1111_pt_embedding_continues_it_as_safetensors(tmp_path, images, tiny_models):
+    """Resume finds the web UI's own `tok.pt`, continues from its step, and leaves exactly one `tok` for the
+    web UI: the new `.safetensors`; the `.pt` is kept, unchanged, in the run's log folder."""
+    from ti_core.formats import embeddings_named
+
+    model = tiny_models["sd1"]
+    folder = tmp_path / "embeddings"
+    pt_path, original = _a1111_pt(model, folder, NAME, step=2)
+    pt_bytes = pt_path.read_bytes()
+    result, events = run(model, make_config(tmp_path, images, steps=4, resume=True))
+    assert result.stopped == "done", result.message
+    assert embeddings_named(folder, NAME) == [folder / f"{NAME}.safetensors"]
+    trained = load_embedding(folder / f"{NAME}.safetensors", widths=model.widths)
+    assert trained.step == 4
+    assert not torch.allclose(trained.vectors["clip_l"], original.vectors["clip_l"])
+    kept = tmp_path / "logs" / NAME / f"{NAME}.pt"
+    assert kept.read_bytes() == pt_bytes
+    assert "from step 2" in events[0].message and f"resumed from {NAME}.pt" in events[0].message
+
+
+def test_resuming_a_pt_that_is_already_done_changes_nothing(tmp_path, images, tiny_models):
+    model = tiny_models["sd1"]
+    folder = tmp_path / "embeddings"
+    pt_path, _ = _a1111_pt(model, folder, NAME, step=5)
+    with pytest.raises(ValueError, match="already trained to step 5"):
+        train(model, make_config(tmp_path, images, steps=4, resume=True))
+    assert sorted(path.name for path in folder.iterdir()) == [f"{NAME}.pt"]
+
+
+def test_a_name_another_file_already_gives_is_refused(tmp_path, images, tiny_models):
+    """`old/TOK.pt` is the token `tok` to the web UIs (file stem, any subfolder, CLIP lowercases): creating or
+    training a new `tok` would make two, so it is refused before anything is written; resume lists both."""
+    model = tiny_models["sd1"]
+    folder = tmp_path / "embeddings"
+    _a1111_pt(model, folder, NAME.upper(), step=1, subfolder="old")
+    with pytest.raises(FileExistsError, match=r"already exists \(old/TOK\.pt .*resume to continue"):
+        train(model, make_config(tmp_path, images, steps=1))
+    with pytest.raises(FileExistsError, match="already exists"):
+        from ti_core.create import create_embedding
+
+        save_embedding(create_embedding(model, NAME, "a dog", 1), folder)
+    assert not (folder / f"{NAME}.safetensors").exists()
+    _a1111_pt(model, folder, NAME, step=1)  # and a second one: which one would a resume mean?
+    with pytest.raises(FileExistsError, match="several files are named"):
+        train(model, make_config(tmp_path, images, steps=2, resume=True))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stopping: interrupt, exceptions, NaN, out of memory, a second run
 

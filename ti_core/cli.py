@@ -62,12 +62,13 @@ def load_model_from_args(args):
 
 def run_create(args) -> int:
     from .create import create_embedding
-    from .formats import save_embedding
+    from .formats import refuse_name_clash, save_embedding
     from .names import embedding_path
 
     target = embedding_path(args.embeddings_dir, args.name)  # validate before the slow model load
     if target.exists() and not args.overwrite:
         raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    refuse_name_clash(args.embeddings_dir, args.name, target)
     model = load_model_from_args(args)
     embedding = create_embedding(model, args.name, args.init_text, args.vectors)
     metadata = {"base_model_hash": model.shorthash() or ""}

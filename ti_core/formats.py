@@ -19,7 +19,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +165,10 @@ def header_metadata(embedding: Embedding, metadata: dict[str, Any] | None = None
 def save_embedding(
     embedding: Embedding, embeddings_dir: Path, *, overwrite: bool = False, metadata: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``<embeddings_dir>/<name>.safetensors`` atomically; FileExistsError if it exists and not ``overwrite``."""
+    """Write ``<embeddings_dir>/<name>.safetensors`` atomically; FileExistsError if it exists and not
+    ``overwrite``, or if another file (``name.pt``, ``sub/name.safetensors``) already names an embedding so."""
     path = embedding_path(Path(embeddings_dir), embedding.name)
+    refuse_name_clash(Path(embeddings_dir), embedding.name, path)
     return save_embedding_to(embedding, path, overwrite=overwrite, metadata=metadata)
 
 
@@ -512,15 +514,10 @@ def _is_embedding_file(path: Path) -> bool:
     return suffix not in IMAGE_SUFFIXES or _image_has_chunk(path)
 
 
-def list_embeddings(embeddings_dir: Path) -> list[Path]:
-    """Embedding files under ``embeddings_dir`` (recursive, sorted), skipping previews, sidecars and temp files.
-
-    Images count only when they carry the ``sd-ti-embedding`` chunk. Symlinked folders are followed once.
-    """
-    root = Path(embeddings_dir)
+def _files_under(root: Path) -> Iterator[Path]:
+    """Every file under ``root``, recursively; symlinked folders are followed once, hidden folders skipped."""
     if not root.is_dir():
-        return []
-    found: list[Path] = []
+        return
     seen: set[str] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -529,5 +526,48 @@ def list_embeddings(embeddings_dir: Path) -> list[Path]:
             continue
         seen.add(real)
         subfolders[:] = sorted(sub for sub in subfolders if not sub.startswith("."))
-        found.extend(path for path in (Path(folder, file) for file in files) if _is_embedding_file(path))
-    return sorted(found)
+        yield from (Path(folder, file) for file in files)
+
+
+def list_embeddings(embeddings_dir: Path) -> list[Path]:
+    """Embedding files under ``embeddings_dir`` (recursive, sorted), skipping previews, sidecars and temp files.
+
+    Images count only when they carry the ``sd-ti-embedding`` chunk. Symlinked folders are followed once.
+    """
+    return sorted(path for path in _files_under(Path(embeddings_dir)) if _is_embedding_file(path))
+
+
+def embeddings_named(embeddings_dir: Path, name: str) -> list[Path]:
+    """The embedding files under ``embeddings_dir`` that a web UI would load as ``name``.
+
+    The web UIs name an embedding after its file stem, in any subfolder, and CLIP lowercases prompts, so
+    ``Cat.pt`` and ``sub/cat.safetensors`` are one token. (For an image embedding the host uses the name stored
+    in its chunk; the stem is compared here, which is what this tool writes.)
+    """
+    key = name.casefold()
+    files = _files_under(Path(embeddings_dir))
+    return sorted(path for path in files if path.stem.casefold() == key and _is_embedding_file(path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def other_files_named(embeddings_dir: Path, name: str, target: Path) -> list[Path]:
+    """``embeddings_named`` without ``target`` itself (the file about to be written or replaced)."""
+    return [path for path in embeddings_named(embeddings_dir, name) if not _same_file(path, Path(target))]
+
+
+def refuse_name_clash(embeddings_dir: Path, name: str, target: Path, hint: str = "") -> None:
+    """FileExistsError (one line) when a file other than ``target`` already gives the web UIs an embedding
+    called ``name``: with two, which one a prompt gets depends on the order the host reads the folder."""
+    others = other_files_named(embeddings_dir, name, target)
+    if others:
+        shown = ", ".join(str(path.relative_to(embeddings_dir)) for path in others)
+        raise FileExistsError(
+            f"an embedding named {name!r} already exists ({shown} in {embeddings_dir}); the web UIs know an"
+            f" embedding by its file name, so a second one would clash: {hint or 'choose another name'}"
+        )

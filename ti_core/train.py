@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,7 +36,14 @@ from .config import TrainConfig
 from .create import create_embedding
 from .data import encode_dataset, load_template, render_prompt, scan_images
 from .embedding import Embedding
-from .formats import atomic_write, load_embedding, save_embedding, save_embedding_to
+from .formats import (
+    atomic_write,
+    load_embedding,
+    other_files_named,
+    refuse_name_clash,
+    save_embedding,
+    save_embedding_to,
+)
 from .names import embedding_path
 from .prompt import Conditioning, PromptTokenCache, TokenizedPrompt, encode_prompts, encode_tokenized
 from .schedule import learning_rate_at, parse_schedule
@@ -109,7 +117,8 @@ def train(
     run = RunFolder(config, write=procs.is_main)
     with run.locked(), _training_mode(model, config) as (device, half):
         # Load: the embedding (new, or resumed at its step) and the VAE latents of the images.
-        embedding = starting_embedding(model, config)
+        with procs.main_first():  # the main process converts a resumed .pt first; the others then read that
+            embedding, adopted = starting_embedding(model, config, run if procs.is_main else None)
         start = embedding.step
         with procs.main_first():  # the main process fills the latent cache; the others then read it
             dataset = _encode_images(model, config, run, device)
@@ -123,6 +132,7 @@ def train(
         # Optimizer, schedule and the fixed parts of the loss.
         optimizer = _adamw(list(vectors.values()), device)
         resume_note = run.load_optimizer_state(optimizer, embedding) if config.resume else ""
+        resume_note = "; ".join(note for note in (adopted, resume_note) if note)
         scaler = _grad_scaler(device, enabled=half == torch.float16)
         schedule = parse_schedule(config.learning_rate)
         noise_scheduler = _noise_scheduler(model, config)
@@ -190,22 +200,57 @@ def train(
 # Setup
 
 
-def starting_embedding(model, config: TrainConfig) -> Embedding:
-    """The embedding to train: the saved one when resuming, else a new one from the init text."""
+def starting_embedding(model, config: TrainConfig, run: RunFolder | None = None) -> tuple[Embedding, str]:
+    """The embedding to train (the saved one when resuming, else a new one from the init text), and a note
+    for the start message. Resuming from another file than ``<name>.safetensors`` converts it when a `run`
+    is given (the main process's): see `adopt_resumed_file`."""
     path = embedding_path(config.embeddings_dir, config.name)
-    if config.resume:
-        if not path.is_file():
-            raise FileNotFoundError(f"cannot resume: {path} does not exist")
-        embedding = load_embedding(path, widths=model.widths)
-        embedding.name = config.name
-        if embedding.step >= config.steps:
-            raise ValueError(
-                f"{path} is already trained to step {embedding.step}; set more than {embedding.step} steps"
+    if not config.resume:
+        refuse_name_clash(config.embeddings_dir, config.name, path, hint="resume to continue training it, or rename")
+        if path.exists() and not config.overwrite:
+            raise FileExistsError(
+                f"{path} already exists; resume to continue training it, or overwrite to start again"
             )
-        return embedding
-    if path.exists() and not config.overwrite:
-        raise FileExistsError(f"{path} already exists; resume to continue training it, or overwrite to start again")
-    return create_embedding(model, config.name, config.init_text, config.vectors)
+        return create_embedding(model, config.name, config.init_text, config.vectors), ""
+    source = resume_source(config)
+    embedding = load_embedding(source, widths=model.widths)
+    embedding.name = config.name
+    if embedding.step >= config.steps:
+        raise ValueError(f"{source} is already trained to step {embedding.step}; set more than {embedding.step} steps")
+    if source == path or run is None:
+        return embedding, ""
+    return embedding, adopt_resumed_file(embedding, source, config, run)
+
+
+def resume_source(config: TrainConfig) -> Path:
+    """What a resumed run starts from: ``<name>.safetensors``, else the one other file the web UIs load as
+    ``<name>`` (A1111's ``<name>.pt``, a diffusers ``.bin``, a copy in a subfolder)."""
+    path = embedding_path(config.embeddings_dir, config.name)
+    if path.is_file():
+        return path
+    others = other_files_named(config.embeddings_dir, config.name, path)
+    if len(others) > 1:
+        shown = ", ".join(str(other.relative_to(config.embeddings_dir)) for other in others)
+        raise FileExistsError(f"cannot resume: several files are named {config.name!r} ({shown}); keep one")
+    if not others:
+        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+    return others[0]
+
+
+def adopt_resumed_file(embedding: Embedding, source: Path, config: TrainConfig, run: RunFolder) -> str:
+    """Resuming from another file than ``<name>.safetensors`` (A1111's ``.pt``, say): write the vectors as
+    ``<name>.safetensors`` now and move the original into the run's log folder, so the web UI goes on seeing
+    exactly one embedding of that name (two files with one name clash) and nothing is lost if the run dies."""
+    path = embedding_path(config.embeddings_dir, config.name)
+    save_embedding_to(embedding, path, overwrite=False, metadata={"converted_from": source.name})
+    kept = run.folder / source.name
+    for number in itertools.count(1):
+        if not kept.exists():
+            break
+        kept = run.folder / f"{source.stem}-{number}{source.suffix}"
+    run.folder.mkdir(parents=True, exist_ok=True)
+    shutil.move(source, kept)
+    return f"resumed from {source.name}, now {path.name} (the original is kept as {kept})"
 
 
 @contextlib.contextmanager
