@@ -56,10 +56,13 @@
         return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
     }
 
-    // The prompt without `token` where it stands as a whole word (not inside "my-token-2"), together with
-    // the separator before it; null when the token is not there.
+    // The prompt without `token` where it stands as a whole word (not inside "my-token-2"), or wrapped in
+    // the web UIs' attention syntax on its own: "(token:1.2)", "((token))", "[token]". The separator before
+    // it goes too. null when the token is not there.
     function withoutToken(value, token) {
-        var pattern = new RegExp("(^|\\s*,\\s*|\\s+)" + escapeRegExp(token) + "(?![\\w-])", "g");
+        var word = escapeRegExp(token);
+        var weighted = "\\(+\\s*" + word + "\\s*(?::\\s*-?[\\d.]+\\s*)?\\)+|\\[+\\s*" + word + "\\s*\\]+";
+        var pattern = new RegExp("(^|\\s*,\\s*|\\s+)(?:" + weighted + "|" + word + "(?![\\w-]))", "g");
         var atStart = false;
         var result = value.replace(pattern, function (match, separator, offset) {
             if (offset === 0 && separator === "") {

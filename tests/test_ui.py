@@ -347,6 +347,10 @@ def test_library_card_click_adds_then_removes_the_token(ui, app):
     ui.page.keyboard.press("Enter")  # the card is a button: the keyboard works too
     ui.wait_value("ti_try_prompt", r"^a photo of$")
     ui.wait_text("ti_embeddings_insert_status", r"Removed ui-card")
+    ui.fill("ti_try_prompt", "a photo, (ui-card:1.2)")  # weighted with the web UIs' attention syntax
+    card.click()
+    ui.wait_value("ti_try_prompt", r"^a photo$")
+    ui.fill("ti_try_prompt", "a photo of")
     card.click()
     for elem_id, value in (("ti_try_width", 64), ("ti_try_height", 64), ("ti_try_steps", 2)):
         ui.fill(elem_id, value)
