@@ -574,6 +574,30 @@ def test_norm_control_caps_vector_norms_at_the_vocabulary_median(tmp_path, image
     assert capped_norms.max() <= limit * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_bf16_frozen_weights_as_on_a_gpu(tmp_path, images, tiny_model_dirs, arch, monkeypatch):
+    """The GPU path, run on the CPU: UNet and text encoders cast to bf16, VAE kept, vectors float32, with
+    snapshots, previews, validation and (SDXL) checkpointing. A dtype mismatch anywhere would stop the run."""
+    from ti_core.models import load_model
+
+    model = load_model(tiny_model_dirs[arch])  # its own copy: the cast is in place
+    monkeypatch.setattr(train_module, "_casts_frozen_weights", lambda device: True)
+    config = make_config(
+        tmp_path, images, mixed_precision="bf16", steps=3, save_every=1, preview_every=2, preview_steps=2,
+        validation_every=1, validation_samples=2, gradient_checkpointing=arch == "sdxl",
+    )  # fmt: skip
+    result, events = run(model, config)
+    assert result.stopped == "done", result.message
+    assert model.unet.dtype == torch.bfloat16 and model.vae.dtype == torch.float32
+    losses = [event.loss for event in events if event.kind == "step"]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    trained = load_embedding(result.embedding_path, widths=model.widths)
+    start = load_start_vectors(model, config)
+    for key, vectors in trained.vectors.items():
+        assert vectors.dtype == torch.float32 and not torch.allclose(vectors, start[key].float()), key
+    assert (tmp_path / "logs" / NAME / "images" / f"{NAME}-2.png").is_file()
+
+
 def test_fp16_on_cpu_is_refused_and_bf16_trains(tmp_path, images, tiny_models):
     model = tiny_models["sd1"]
     with pytest.raises(ValueError, match="fp16 mixed precision needs a GPU"):

@@ -263,7 +263,7 @@ def _training_mode(model, config: TrainConfig) -> Iterator[tuple[torch.device, t
     encoders = [encoder.model for encoder in model.encoders]
     for module in [model.unet, model.vae, *encoders]:
         module.requires_grad_(False)
-    if half is not None and device.type != "cpu":
+    if half is not None and _casts_frozen_weights(device):
         # Frozen weights in the half dtype halve memory and traffic; the vectors stay float32 (the splice
         # casts them on the way in, and the gradient comes back to float32).
         for module in [model.unet, *encoders]:
@@ -284,6 +284,12 @@ def _training_mode(model, config: TrainConfig) -> Iterator[tuple[torch.device, t
         model.unet.to(memory_format=torch.contiguous_format)
         if config.gradient_checkpointing:
             _set_checkpointing(model, False)
+
+
+def _casts_frozen_weights(device: torch.device) -> bool:
+    """Half-precision frozen weights on accelerators; on the CPU, autocast alone: bf16 weights made the CPU
+    steps slower (bench/RESULTS.md, "bf16 frozen weights")."""
+    return device.type != "cpu"
 
 
 def _half_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
