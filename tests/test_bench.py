@@ -61,3 +61,14 @@ def test_cpu_memory_probe_sees_a_transient_peak_without_a_sampling_thread():
         del buffer
     assert probe.working_set >= 200 << 20
     assert probe.end < probe.start + (200 << 20)  # freed: the peak is not the end
+
+
+def test_memory_benchmark_reports_weights_and_working_set(tmp_path):
+    command = [sys.executable, str(ROOT / "bench" / "memory_cpu.py"), "--arch", "small", "--resolution", "64"]
+    run = subprocess.run(command + ["--steps", "1"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    line = re.search(
+        r"frozen UNet \+ text encoders \(torch.bfloat16\) ([\d.]+) GiB.*working set \+([\d.]+) GiB", run.stdout
+    )
+    assert line, run.stdout
+    assert float(line.group(1)) > 0
