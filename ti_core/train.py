@@ -269,18 +269,15 @@ def _training_mode(model, config: TrainConfig) -> Iterator[tuple[torch.device, t
         for module in [model.unet, *encoders]:
             module.to(half)
     model.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
-    attention = []
     try:
-        attention = _call_processors_directly(model.unet)
-        # channels_last lets the convolutions use their fastest kernels (bench/RESULTS.md: +10 % per step
-        # on CPU); it changes only the memory layout, so it is undone for whoever uses the model next.
-        model.unet.to(memory_format=torch.channels_last)
-        if config.gradient_checkpointing:
-            _set_checkpointing(model, True)
-        yield device, half
+        with _direct_attention_calls(model.unet):
+            # channels_last lets the convolutions use their fastest kernels (bench/RESULTS.md: +10 % per
+            # step on CPU); it changes only the memory layout, so it is undone for whoever uses the model next.
+            model.unet.to(memory_format=torch.channels_last)
+            if config.gradient_checkpointing:
+                _set_checkpointing(model, True)
+            yield device, half
     finally:
-        for module in attention:
-            del module.forward  # the class's forward again
         model.unet.to(memory_format=torch.contiguous_format)
         if config.gradient_checkpointing:
             _set_checkpointing(model, False)
@@ -300,12 +297,13 @@ def _half_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | Non
     return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
 
 
-def _call_processors_directly(unet) -> list:
-    """Make the UNet's attention modules call their processor directly, as diffusers' `Attention.forward`
-    does after filtering extra keyword arguments through `inspect.signature` on every call: 32 times a
-    step for SD1.5, 2 % of a CPU step (bench/RESULTS.md) and more of a launch-bound GPU step at batch 1.
-    Training passes no extra arguments, so there is nothing to filter. Returns the modules changed; the
-    caller deletes their `forward` to restore them."""
+@contextlib.contextmanager
+def _direct_attention_calls(unet) -> Iterator[None]:
+    """While active, the UNet's attention modules call their processor directly, as diffusers'
+    `Attention.forward` does after filtering extra keyword arguments through `inspect.signature` on every
+    call: 32 calls a step for SD1.5, 2 % of a CPU step (bench/RESULTS.md) and more of a launch-bound GPU
+    step at batch 1. Training passes no extra arguments, so there is nothing to filter. Whatever `forward`
+    a module had before (the class's, or someone's patch) is back afterwards."""
     from diffusers.models.attention_processor import Attention
 
     def direct(module):
@@ -318,9 +316,17 @@ def _call_processors_directly(unet) -> list:
         return forward
 
     modules = [module for module in unet.modules() if isinstance(module, Attention)]
-    for module in modules:
-        module.forward = direct(module)
-    return modules
+    patched = {module: vars(module).get("forward") for module in modules}  # None: the class's own
+    try:
+        for module in modules:
+            module.forward = direct(module)
+        yield
+    finally:
+        for module, previous in patched.items():
+            if previous is not None:
+                module.forward = previous
+            elif "forward" in vars(module):
+                del module.forward
 
 
 def _set_checkpointing(model, enabled: bool) -> None:
