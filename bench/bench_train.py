@@ -386,6 +386,41 @@ class Reference:
         return weights_bytes(t.unet, t.vae, *t.encoders)
 
 
+def fixed_step_inputs(model, name: str, batch_size: int, resolution: int, device) -> tuple[dict, dict, Batch]:
+    """One fixed batch to time or measure a step on: `name`'s start vectors (float32 parameters, as train()
+    makes them), the tokens of "a photo of a <name>", random latents and SDXL's time ids."""
+    from ti_core.create import create_embedding
+    from ti_core.prompt import PromptTokenCache
+
+    start = create_embedding(model, name, INIT_WORD, 1)
+    vectors = {key: torch.nn.Parameter(v.to(device, torch.float32)) for key, v in start.vectors.items()}
+    tokens = PromptTokenCache(model, {name: 1})([f"a photo of a {name}"] * batch_size)
+    side, size = resolution // 8, [resolution] * 2
+    batch = Batch(
+        latents=torch.randn(batch_size, 4, side, side, generator=torch.Generator().manual_seed(0)),
+        captions=[""] * batch_size,
+        weights=None,
+        time_ids=torch.tensor([size + [0, 0] + size] * batch_size, dtype=torch.float32),
+        indices=list(range(batch_size)),
+    )
+    return vectors, tokens, batch
+
+
+def forward_backward(model, scheduler, inputs: tuple[dict, dict, Batch], config, device, half, seed: int) -> None:
+    """Our step's loss, forward and backward, on `fixed_step_inputs`; ends on the device sync every trainer's
+    step ends on (`loss.item()`)."""
+    from ti_core import train as ti_train
+
+    vectors, tokens, batch = inputs
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with ti_train._autocast(device, half):
+        loss = ti_train.batch_loss(model, scheduler, vectors, batch, tokens, generator, config)
+    loss.backward()
+    loss.item()
+    for tensor in vectors.values():
+        tensor.grad = None
+
+
 class ForwardBackwardOnly:
     """The floor under any trainer of this model: our step's text-encoder and UNet forward and backward alone,
     on one fixed batch (latents already encoded, one prompt), with no optimizer, data pipeline or logging. Every
@@ -395,23 +430,9 @@ class ForwardBackwardOnly:
     label = "forward+backward only"
 
     def __init__(self, ours: Ours) -> None:
-        from ti_core.create import create_embedding
-        from ti_core.prompt import PromptTokenCache
-
         self.ours, self.device = ours, ours.device
-        model, config = ours.model, ours.config(1)
-        embedding = create_embedding(model, config.name, INIT_WORD, 1)
-        self.vectors = {key: torch.nn.Parameter(v.to(self.device)) for key, v in embedding.vectors.items()}
-        self.tokens = PromptTokenCache(model, {config.name: 1})([f"a photo of a {config.name}"] * ours.batch)
-        side = ours.args.resolution // 8
-        size = [ours.args.resolution] * 2
-        self.batch = Batch(
-            latents=torch.randn(ours.batch, 4, side, side, generator=torch.Generator().manual_seed(0)),
-            captions=[""] * ours.batch,
-            weights=None,
-            time_ids=torch.tensor([size + [0, 0] + size] * ours.batch, dtype=torch.float32),
-            indices=list(range(ours.batch)),
-        )
+        name = ours.config(1).name
+        self.inputs = fixed_step_inputs(ours.model, name, ours.batch, ours.args.resolution, self.device)
 
     def run(self, steps: int, **_) -> list[tuple[float, float]]:
         from ti_core import train as ti_train
@@ -421,13 +442,7 @@ class ForwardBackwardOnly:
         with ti_train._training_mode(model, config) as (device, half):
             scheduler = ti_train._noise_scheduler(model, config)
             for step in range(steps):
-                generator = torch.Generator(device=device).manual_seed(step)
-                with ti_train._autocast(device, half):
-                    loss = ti_train.batch_loss(
-                        model, scheduler, self.vectors, self.batch, self.tokens, generator, config
-                    )
-                loss.backward()
-                loss.item()  # the device sync that ends every trainer's step
+                forward_backward(model, scheduler, self.inputs, config, device, half, seed=step)
                 times.append(_stamp())
         return times
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -26,19 +25,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 from bench.arch import build_pipeline  # noqa: E402
+from bench.bench_train import (  # noqa: E402
+    _peak_rss,
+    _reset_peak_rss,
+    _rss,
+    fixed_step_inputs,
+    forward_backward,
+)
 
 MMAP_THRESHOLD = "131072"
-
-
-def _rss() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_since_reset() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def _gib(value: int) -> str:
@@ -65,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ti_core.train as ti_train
     from ti_core.config import TrainConfig
-    from ti_core.create import create_embedding
-    from ti_core.data import Batch, DataConfig
+    from ti_core.data import DataConfig
     from ti_core.models import from_pipeline
-    from ti_core.prompt import PromptTokenCache
 
     began = time.perf_counter()
     model = from_pipeline(build_pipeline(args.arch), f"random {args.arch}")
@@ -85,18 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
     )
     ti_train._casts_frozen_weights = lambda device: True  # the GPU's bf16 frozen weights
-    side, size = args.resolution // 8, [args.resolution] * 2
-    batch = Batch(
-        latents=torch.randn(args.batch_size, 4, side, side, generator=torch.Generator().manual_seed(0)),
-        captions=[""] * args.batch_size,
-        weights=None,
-        time_ids=torch.tensor([size + [0, 0] + size] * args.batch_size, dtype=torch.float32),
-        indices=list(range(args.batch_size)),
-    )
     with ti_train._training_mode(model, config) as (device, half):
-        start = create_embedding(model, config.name, "toy", 1)
-        vectors = {key: torch.nn.Parameter(tensor.float()) for key, tensor in start.vectors.items()}
-        tokens = PromptTokenCache(model, {config.name: 1})([f"a photo of a {config.name}"] * args.batch_size)
+        inputs = fixed_step_inputs(model, config.name, args.batch_size, args.resolution, device)
         scheduler = ti_train._noise_scheduler(model, config)
         frozen = sum(
             p.numel() * p.element_size()
@@ -106,20 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         vae = sum(p.numel() * p.element_size() for p in model.vae.parameters())
         for step in range(args.steps):
             before = _rss()
-            Path("/proc/self/clear_refs").write_text("5")
+            _reset_peak_rss()
             began = time.perf_counter()
-            with ti_train._autocast(device, half):
-                loss = ti_train.batch_loss(
-                    model, scheduler, vectors, batch, tokens, torch.Generator().manual_seed(step), config
-                )
-            loss.backward()
-            loss.item()
-            for tensor in vectors.values():
-                tensor.grad = None
+            forward_backward(model, scheduler, inputs, config, device, half, seed=step)
             print(
                 f"step {step + 1}: {time.perf_counter() - began:.0f} s; frozen UNet + text encoders "
-                f"({model.unet.dtype}) {_gib(frozen)}, VAE {_gib(vae)}; working set +{_gib(_peak_since_reset() - before)}"
-                f" (RSS {_gib(before)} before, peak {_gib(_peak_since_reset())})",
+                f"({model.unet.dtype}) {_gib(frozen)}, VAE {_gib(vae)}; working set +{_gib(_peak_rss() - before)}"
+                f" (RSS {_gib(before)} before, peak {_gib(_peak_rss())})",
                 flush=True,
             )
     return 0
