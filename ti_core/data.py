@@ -428,12 +428,15 @@ def _vae_placed(vae, device, dtype: torch.dtype) -> Iterator[None]:
     """Move the VAE to (device, dtype) for encoding and put it back afterwards: it is shared with the
     preview pipeline, which expects it where and in the dtype the caller loaded it."""
     parameter = next(vae.parameters())
-    before = (parameter.device, parameter.dtype)
-    vae.to(device=device if device is not None else before[0], dtype=dtype)
+    # The very tensors are put back, not a cast of the moved ones: a round trip through another dtype
+    # would be a copy, and the weights may be a web UI's, shared (ti_core.shared_weights).
+    before = [(tensor, tensor.data) for tensor in [*vae.parameters(), *vae.buffers()]]
+    vae.to(device=device if device is not None else parameter.device, dtype=dtype)
     try:
         yield
     finally:
-        vae.to(device=before[0], dtype=before[1])
+        for tensor, data in before:
+            tensor.data = data
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:

@@ -14,7 +14,17 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 class ModelLoadError(ValueError):
-    """A model source that cannot be loaded; the message names it and says why."""
+    """A model source that cannot be loaded; the message names it and says why.
+
+    ``cli_hint`` is advice in command-line words (a flag to pass); inside a web UI the glue shows
+    ``message`` with advice of its own instead.
+    """
+
+    def __init__(self, message: str, cli_hint: str = "") -> None:
+        super().__init__(f"{message} ({cli_hint})" if cli_hint else message)
+        self.message = message
+        self.cli_hint = cli_hint
+        self.fits_no_config = False  # the weights have sizes none of the known configs describe
 
 
 @dataclass
@@ -46,6 +56,9 @@ class TIModel:
     source: str
     name: str
     file_path: Path | None = None
+    # True when the weights are another model's tensors (a web UI's loaded checkpoint): they must stay
+    # where they are, in their dtype and memory layout, and are never written.
+    shares_weights: bool = False
     _sha256: str | None = field(default=None, repr=False)
 
     @property
@@ -176,7 +189,13 @@ def load_model(
             raise ModelLoadError(f"{path}: not a model checkpoint (expected .safetensors or .ckpt)")
         from .single_file import load_single_file
 
-        pipeline = load_single_file(path, config=config, prediction_type=prediction_type, dtype=dtype)
+        try:
+            pipeline = load_single_file(path, config=config, prediction_type=prediction_type, dtype=dtype)
+        except ModelLoadError as error:
+            original_config = path.with_suffix(".yaml")
+            if config is not None or not error.fits_no_config or not original_config.is_file():
+                raise
+            return _from_original_config(path, original_config, prediction_type, dtype)
         return from_pipeline(pipeline, str(path), file_path=path)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -196,6 +215,26 @@ def load_model(
     if prediction_type:
         pipeline.scheduler.register_to_config(prediction_type=prediction_type)
     return from_pipeline(pipeline, str(source))
+
+
+def _from_original_config(path: Path, original_config: Path, prediction_type: str | None, dtype) -> TIModel:
+    """A checkpoint that fits none of the shipped configs, built from the `<checkpoint>.yaml` beside it (the
+    web UIs' convention for non-standard models)."""
+    from .shared_weights import model_from_tensors, original_config_from_yaml
+    from .single_file import read_state_dict, sidecar_prediction_type
+
+    config = original_config_from_yaml(original_config)
+    state_dict, _metadata = read_state_dict(path)
+    state_dict = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
+    model = model_from_tensors(
+        state_dict,
+        source=str(path),
+        file_path=path,
+        prediction_type=prediction_type or sidecar_prediction_type(path),
+        original_config=config,
+    )
+    model.shares_weights = False  # read from the file for this model alone
+    return model
 
 
 def _from_hub(repo_id: str, dtype: torch.dtype):

@@ -451,9 +451,12 @@ def check_fits(shapes: Mapping[str, Sequence[int]], architecture: str, folder: P
     if found != widths:
         problems.append(f"text encoder width {found} vs {widths}")
     if problems:
-        raise ModelLoadError(
-            f"{source} does not fit the model config {folder}: {'; '.join(problems)} (pass a matching config folder)"
+        error = ModelLoadError(
+            f"{source} does not fit the model config {folder}: {'; '.join(problems)}",
+            cli_hint="put its .yaml config beside it, or pass a matching diffusers config folder with --config",
         )
+        error.fits_no_config, error.problems = True, problems
+        raise error
 
 
 # --------------------------------------------------------------------------------------------------

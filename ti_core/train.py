@@ -263,7 +263,9 @@ def _training_mode(model, config: TrainConfig) -> Iterator[tuple[torch.device, t
     encoders = [encoder.model for encoder in model.encoders]
     for module in [model.unet, model.vae, *encoders]:
         module.requires_grad_(False)
-    if half is not None and _casts_frozen_weights(device):
+    # Weights shared with a web UI's model stay as they are: a cast or a new memory layout would be a copy.
+    owned = not model.shares_weights
+    if owned and half is not None and _casts_frozen_weights(device):
         # Frozen weights in the half dtype halve memory and traffic; the vectors stay float32 (the splice
         # casts them on the way in, and the gradient comes back to float32).
         for module in [model.unet, *encoders]:
@@ -273,12 +275,14 @@ def _training_mode(model, config: TrainConfig) -> Iterator[tuple[torch.device, t
         with _direct_attention_calls(model.unet):
             # channels_last lets the convolutions use their fastest kernels (bench/RESULTS.md: +10 % per
             # step on CPU); it changes only the memory layout, so it is undone for whoever uses the model next.
-            model.unet.to(memory_format=torch.channels_last)
+            if owned:
+                model.unet.to(memory_format=torch.channels_last)
             if config.gradient_checkpointing:
                 _set_checkpointing(model, True)
             yield device, half
     finally:
-        model.unet.to(memory_format=torch.contiguous_format)
+        if owned:
+            model.unet.to(memory_format=torch.contiguous_format)
         if config.gradient_checkpointing:
             _set_checkpointing(model, False)
 

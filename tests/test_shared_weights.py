@@ -1,0 +1,208 @@
+"""Training on tensors that already exist (a web UI's loaded model), and checkpoints built from their .yaml."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from PIL import Image
+
+from ti_core.config import DataConfig, TrainConfig
+from ti_core.ldm_keys import pipeline_to_ldm
+from ti_core.models import ModelLoadError, from_pipeline, load_model
+from ti_core.shared_weights import model_from_tensors, strip_wrappers
+from ti_core.testing import ARCHITECTURES, build_tiny_pipeline, save_ldm_checkpoint, tiny_ldm_state_dict
+from ti_core.train import train
+
+
+def as_a1111_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Key names as A1111's hijacked model reports them: its text encoders and token embeddings are wrapped."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for encoder in ("cond_stage_model.", "conditioner.embedders.0.", "conditioner.embedders.1."):
+            if key.startswith(encoder):
+                key = encoder + "wrapped." + key[len(encoder) :]
+        renamed[key.replace("token_embedding.weight", "token_embedding.wrapped.weight")] = value
+    return renamed
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    hashed = hashlib.sha256()
+    for key in sorted(tensors):
+        hashed.update(key.encode())
+        hashed.update(tensors[key].detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return hashed.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def host_models(tmp_path_factory):
+    """Per architecture: (a diffusers pipeline, its config folder, its weights as a web UI holds them)."""
+    root = tmp_path_factory.mktemp("shared")
+    models = {}
+    for arch in ARCHITECTURES:
+        pipeline = build_tiny_pipeline(arch, "epsilon")
+        folder = root / arch
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        models[arch] = (pipeline, folder, as_a1111_names(tiny_ldm_state_dict(pipeline, arch)))
+    return models
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_model_uses_the_web_uis_tensors_and_computes_the_same(host_models, arch):
+    pipeline, folder, host_weights = host_models[arch]
+    model = model_from_tensors(strip_wrappers(host_weights), source=f"{arch}.safetensors", config=folder)
+    assert model.shares_weights and model.architecture == arch
+
+    storages = {tensor.untyped_storage().data_ptr() for tensor in host_weights.values()}
+    modules = [model.unet, model.vae, *(encoder.model for encoder in model.encoders)]
+    for module in modules:
+        for name, parameter in module.named_parameters():
+            if name != "text_projection.weight":  # a transposed copy of one small matrix (see shared_weights)
+                assert parameter.untyped_storage().data_ptr() in storages, f"{name} is a copy"
+
+    reference = from_pipeline(pipeline, "reference")
+    ids = torch.randint(0, 49406, (1, 77), generator=torch.Generator().manual_seed(0))
+    for ours, theirs in zip(model.encoders, reference.encoders, strict=True):
+        assert torch.equal(ours.token_table, theirs.token_table)
+        assert torch.equal(
+            ours.model(ids, output_hidden_states=True).hidden_states[-2],
+            theirs.model(ids, output_hidden_states=True).hidden_states[-2],
+        )
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 77, reference.unet.config.cross_attention_dim, generator=generator)
+    extra = {}
+    if arch == "sdxl":
+        pooled = reference.unet.config.projection_class_embeddings_input_dim - 6 * 8
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled), "time_ids": torch.zeros(1, 6)}}
+    with torch.no_grad():
+        assert torch.equal(
+            model.unet(latents, 10, context, **extra).sample, reference.unet(latents, 10, context, **extra).sample
+        )
+        pixels = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+        assert torch.equal(model.vae.encode(pixels).latent_dist.mean, reference.vae.encode(pixels).latent_dist.mean)
+
+
+def test_training_on_shared_tensors_leaves_them_bitwise_unchanged(host_models, tmp_path, one_thread):
+    _pipeline, folder, host_weights = host_models["sd1"]
+    before = digest(host_weights)
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        Image.new("RGB", (64, 64), (40 * index, 120, 200)).save(images / f"{index}.png")
+    model = model_from_tensors(strip_wrappers(host_weights), source="sd1.safetensors", config=folder)
+    config = TrainConfig(
+        name="shared_run",
+        embeddings_dir=tmp_path / "embeddings",
+        log_dir=tmp_path / "log",
+        init_text="tree",
+        steps=3,
+        learning_rate="0.05",
+        preview_every=2,
+        preview_steps=2,
+        data=DataConfig(images=images, resolution=64),
+    )
+    result = train(model, config)
+    assert result.embedding_path.is_file()
+    assert digest(host_weights) == before
+
+
+# ---- a checkpoint that fits no shipped config, with its original config beside it --------------------------
+
+TINY_LDM_YAML = """\
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    timesteps: 1000
+    image_size: 64
+    channels: 4
+    scale_factor: 0.18215
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 32
+        in_channels: 4
+        out_channels: 4
+        model_channels: 32
+        attention_resolutions: [ 4, 2, 1 ]
+        num_res_blocks: 1
+        channel_mult: [ 1, 2, 4, 4 ]
+        num_heads: 8
+        use_spatial_transformer: True
+        transformer_depth: 1
+        context_dim: 768
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 32
+          ch_mult: [ 1, 2, 4, 4 ]
+          num_res_blocks: 1
+          attn_resolutions: []
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_yaml(tmp_path_factory):
+    """A small SD1 checkpoint (real CLIP-L text encoder, small UNet and VAE), as A1111 users keep such models."""
+    import yaml
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ti_core.single_file import skeleton_for
+    from ti_core.vocab import clip_tokenizer
+
+    original = yaml.safe_load(TINY_LDM_YAML)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(original, {}))
+    vae = AutoencoderKL(**create_vae_diffusers_config_from_ldm(original, {}))
+    text = CLIPTextModel(CLIPTextConfig.from_pretrained(skeleton_for("sd1") / "text_encoder"))
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=build_tiny_pipeline().scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    path = save_ldm_checkpoint(pipeline_to_ldm(pipeline, "sd1"), tmp_path_factory.mktemp("yaml") / "small.safetensors")
+    return path, pipeline
+
+
+def test_a_checkpoint_loads_through_the_yaml_beside_it(checkpoint_with_yaml):
+    path, pipeline = checkpoint_with_yaml
+    yaml_path = path.with_suffix(".yaml")
+    yaml_path.unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="does not fit the model config") as caught:
+        load_model(path)
+    assert ".yaml" in str(caught.value)  # the error says what would fix it
+
+    yaml_path.write_text(TINY_LDM_YAML, encoding="utf-8")
+    model = load_model(path)
+    assert model.architecture == "sd1" and not model.shares_weights
+    assert model.unet.config.block_out_channels == pipeline.unet.config.block_out_channels
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the same weights; the attention kernel may differ in the last bit
+        torch.testing.assert_close(model.unet(latents, 5, context).sample, pipeline.unet(latents, 5, context).sample)
+    ids = torch.tensor([[49406, 2677, 49407] + [49407] * 74])
+    with torch.no_grad():
+        assert torch.equal(model.encoders[0].model(ids)[0], pipeline.text_encoder(ids)[0])

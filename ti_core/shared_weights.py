@@ -1,0 +1,289 @@
+"""A TIModel built over tensors that already exist: an original-layout (LDM/SGM) state dict.
+
+A web UI holds its checkpoint in memory in the original layout. Training on a second copy read from the file
+again doubles the memory a run needs (a second SDXL is about 7 GB) and costs the time of reading and
+converting it. Here the diffusers modules are built empty (parameters on the meta device) and then given the
+web UI's own tensors, renamed by the inverse of `ldm_keys` (``load_state_dict(assign=True)``): every weight
+is the same storage, or a view of it where the layouts differ only in shape (fused attention projections,
+1x1 convolutions). Nothing is copied, and nothing here ever writes to those tensors: the trainer freezes them
+and trains only the new vectors.
+
+The same builder serves checkpoints that fit none of the shipped configs but come with an A1111-style
+``<checkpoint>.yaml``: the UNet and VAE configs are derived from that original config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .ldm_keys import (
+    SD1_CLIP_PREFIX,
+    SD2_OPENCLIP_PREFIX,
+    SDXL_CLIP_G_PREFIX,
+    SDXL_CLIP_L_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    unet_key,
+    vae_key,
+)
+from .models import ModelLoadError, TextEncoder, TIModel
+from .single_file import (
+    check_fits,
+    detect_architecture,
+    normalize_keys,
+    skeleton_for,
+)
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+def strip_wrappers(state_dict: Tensors) -> dict[str, torch.Tensor]:
+    """Drop the ``wrapped.`` segments A1111's and reForge's hijacks add to their model's key names.
+
+    They wrap the text encoders (``cond_stage_model.wrapped.transformer...``) and the token embeddings
+    (``token_embedding.wrapped.weight``); the tensors underneath keep the checkpoint's names.
+    """
+    return {key.replace(".wrapped.", "."): value for key, value in state_dict.items()}
+
+
+def original_config_from_yaml(path: Path) -> dict[str, Any]:
+    """An original LDM/SGM config (`<checkpoint>.yaml`) as a dict; a one-line error when it is unreadable."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ModelLoadError(f"{path}: cannot read the model config: {error}") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise ModelLoadError(f"{path}: not a Stable Diffusion model config (no 'model' section)")
+    return config
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _configs(state_dict: Tensors, architecture: str, prediction_type, folder: Path | None, original_config, source):
+    """The diffusers configs to build: the config folder's (the shipped skeleton by default), or for UNet and
+    VAE the original config's when the weights do not fit the folder."""
+    folder = Path(folder) if folder is not None else skeleton_for(architecture, prediction_type)
+    shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+    configs = {name: _json(folder / name / "config.json") for name in ("unet", "vae", "text_encoder")}
+    if architecture == "sdxl":
+        configs["text_encoder_2"] = _json(folder / "text_encoder_2" / "config.json")
+    configs["scheduler"] = _json(folder / "scheduler" / "scheduler_config.json")
+    try:
+        check_fits(shapes, architecture, folder, source)
+    except ModelLoadError:
+        if original_config is None:
+            raise
+        from diffusers.loaders.single_file_utils import (
+            create_unet_diffusers_config_from_ldm,
+            create_vae_diffusers_config_from_ldm,
+        )
+
+        try:
+            configs["unet"] = create_unet_diffusers_config_from_ldm(original_config, state_dict)
+            configs["vae"] = create_vae_diffusers_config_from_ldm(original_config, state_dict)
+        except Exception as error:  # diffusers raises KeyError/TypeError/ValueError for configs it cannot read
+            raise ModelLoadError(
+                f"{source}: its model config does not describe a Stable Diffusion model ({error})"
+            ) from None
+    return configs
+
+
+def _assign(module: torch.nn.Module, lookup: Callable[[str], torch.Tensor | None], what: str) -> None:
+    """Give every parameter and buffer of an empty module the tensor `lookup` names for it (no copies)."""
+    tensors, missing = {}, []
+    for name, placeholder in module.state_dict(keep_vars=True).items():
+        tensor = lookup(name)
+        if tensor is None:
+            if placeholder.device.type == "meta":
+                missing.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(placeholder.shape):
+            raise ModelLoadError(
+                f"{what}: {name} has the shape {tuple(tensor.shape)}, expected {tuple(placeholder.shape)}"
+            )
+        tensors[name] = tensor
+    if missing:
+        raise ModelLoadError(f"{what}: the model has no weights for {', '.join(missing[:3])}")
+    module.load_state_dict(tensors, strict=False, assign=True)
+    # Buffers the file does not carry (CLIP's position ids) were built on the CPU: put them beside the
+    # weights. The weights are there already, so `to` returns them as they are.
+    module.to(next(iter(tensors.values())).device)
+    module.requires_grad_(False)
+    module.eval()
+
+
+def _clip_lookup(state_dict: Tensors, prefix: str) -> Callable[[str], torch.Tensor | None]:
+    """A transformers CLIPTextModel key -> the OpenAI-CLIP tensor stored under ``prefix``."""
+
+    def lookup(name: str) -> torch.Tensor | None:
+        stored = name if name.startswith("text_model.") else f"text_model.{name}"
+        return state_dict.get(prefix + stored)
+
+    return lookup
+
+
+_OPENCLIP_PARTS = [
+    ("encoder.layers.", "transformer.resblocks."),
+    (".self_attn.out_proj.", ".attn.out_proj."),
+    (".layer_norm1.", ".ln_1."),
+    (".layer_norm2.", ".ln_2."),
+    (".mlp.fc1.", ".mlp.c_fc."),
+    (".mlp.fc2.", ".mlp.c_proj."),
+    ("final_layer_norm.", "ln_final."),
+    ("embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("embeddings.position_embedding.weight", "positional_embedding"),
+]
+
+
+def _openclip_lookup(state_dict: Tensors, prefix: str) -> Callable[[str], torch.Tensor | None]:
+    """A transformers CLIP key -> the OpenCLIP tensor under ``prefix`` (views of the fused q/k/v)."""
+
+    def lookup(name: str) -> torch.Tensor | None:
+        if name == "text_projection.weight":
+            projection = state_dict.get(prefix + "text_projection")
+            # OpenCLIP computes x @ text_projection. The transpose is copied (one width x width matrix, a
+            # few MB): a strided view would give the same pooled output only to rounding.
+            return None if projection is None else projection.T.contiguous()
+        name = name.removeprefix("text_model.")
+        for part in ("q", "k", "v"):
+            marker = f".self_attn.{part}_proj."
+            if marker in name:
+                block, kind = name.split(marker)
+                fused = state_dict.get(
+                    prefix + block.replace("encoder.layers.", "transformer.resblocks.") + f".attn.in_proj_{kind}"
+                )
+                if fused is None:
+                    return None
+                width = fused.shape[0] // 3
+                index = "qkv".index(part)
+                return fused[index * width : (index + 1) * width]
+        for old, new in _OPENCLIP_PARTS:
+            name = name.replace(old, new)
+        return state_dict.get(prefix + name)
+
+    return lookup
+
+
+def _vae_lookup(state_dict: Tensors, config: Mapping[str, Any]) -> Callable[[str], torch.Tensor | None]:
+    def lookup(name: str) -> torch.Tensor | None:
+        tensor = state_dict.get(VAE_PREFIX + vae_key(name, config))
+        if tensor is not None and ".mid.attn_1." in vae_key(name, config) and tensor.ndim == 4:
+            tensor = tensor[:, :, 0, 0]  # LDM's VAE attention is 1x1 convolutions; diffusers' is linear
+        return tensor
+
+    return lookup
+
+
+def _text_encoder(config: dict[str, Any], with_projection: bool, lookup, what: str):
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    text_config = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
+    with init_empty_weights():  # parameters on the meta device; buffers (position ids) built for real
+        model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(text_config)
+    _assign(model, lookup, what)
+    return model
+
+
+def model_from_tensors(
+    state_dict: Tensors,
+    *,
+    source: str,
+    file_path: Path | None = None,
+    prediction_type: str | None = None,
+    config: Path | None = None,
+    original_config: Mapping[str, Any] | None = None,
+) -> TIModel:
+    """A TIModel whose UNet, VAE and text encoders use the tensors of an original-layout state dict.
+
+    ``config`` is a diffusers config folder (the shipped SD1/SD2/SDXL skeletons by default);
+    ``original_config`` (a parsed `<checkpoint>.yaml`) describes UNet and VAE when they fit none of the
+    shipped configs. The tensors keep their device and dtype; none is copied or written.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers import DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    from .single_file import _tokenizers
+
+    shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+    architecture = detect_architecture(shapes, source)
+    state_dict = normalize_keys(dict(state_dict), architecture)
+    configs = _configs(state_dict, architecture, prediction_type, config, original_config, source)
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+    _assign(unet, lambda name: state_dict.get(UNET_PREFIX + unet_key(name, unet.config)), f"{source} (UNet)")
+    _assign(vae, _vae_lookup(state_dict, vae.config), f"{source} (VAE)")
+
+    tokenizers = _tokenizers(architecture)
+    if architecture == "sdxl":
+        encoders = [
+            TextEncoder(
+                "clip_l",
+                tokenizers["tokenizer"],
+                _text_encoder(
+                    configs["text_encoder"], False, _clip_lookup(state_dict, SDXL_CLIP_L_PREFIX), f"{source} (CLIP-L)"
+                ),
+            ),
+            TextEncoder(
+                "clip_g",
+                tokenizers["tokenizer_2"],
+                _text_encoder(
+                    configs["text_encoder_2"],
+                    True,
+                    _openclip_lookup(state_dict, SDXL_CLIP_G_PREFIX),
+                    f"{source} (CLIP-G)",
+                ),
+            ),
+        ]
+    elif architecture == "sd2":
+        encoders = [
+            TextEncoder(
+                "clip_h",
+                tokenizers["tokenizer"],
+                _text_encoder(
+                    configs["text_encoder"],
+                    False,
+                    _openclip_lookup(state_dict, SD2_OPENCLIP_PREFIX),
+                    f"{source} (OpenCLIP)",
+                ),
+            )
+        ]
+    else:
+        encoders = [
+            TextEncoder(
+                "clip_l",
+                tokenizers["tokenizer"],
+                _text_encoder(
+                    configs["text_encoder"], False, _clip_lookup(state_dict, SD1_CLIP_PREFIX), f"{source} (CLIP)"
+                ),
+            )
+        ]
+
+    schedulers = {cls.__name__: cls for cls in (DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler)}
+    scheduler_config = configs["scheduler"]
+    scheduler = schedulers.get(scheduler_config.get("_class_name"), PNDMScheduler).from_config(scheduler_config)
+    if prediction_type:
+        scheduler.register_to_config(prediction_type=prediction_type)
+    return TIModel(
+        architecture=architecture,
+        encoders=encoders,
+        unet=unet,
+        vae=vae,
+        scheduler=scheduler,
+        source=source,
+        name=Path(source).stem,
+        file_path=file_path,
+        shares_weights=True,
+    )
