@@ -20,6 +20,40 @@ from .host import Host, default_mixed_precision
 log = logging.getLogger("ti_host")
 
 
+def _load_file(path: Path):
+    """The checkpoint file loaded into a TIModel of its own; errors in the web UI's words, not CLI flags."""
+    from ti_core.models import ModelLoadError, load_model
+
+    try:
+        return load_model(path)
+    except ModelLoadError as error:
+        if error.fits_no_config:
+            problems = "; ".join(getattr(error, "problems", []))
+            raise ModelLoadError(
+                f"{path.name} is not a standard SD1, SD2 or SDXL model ({problems}): put its .yaml config "
+                f"beside it as {path.with_suffix('.yaml').name}, as the web UI needs for such models"
+            ) from None
+        raise ModelLoadError(error.message) from None
+
+
+def release_memory() -> None:
+    """Give freed memory back after a run: Python's cycles, the CUDA cache, and glibc's heap.
+
+    glibc keeps freed blocks of a long-lived process for reuse; after a run that allocated gigabytes
+    (latents, optimizer, a model copy) the web UI's resident memory would stay that high.
+    """
+    import ctypes
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _move_model(model: Any, device: Any) -> None:
     for module in (model.unet, model.vae, *(encoder.model for encoder in model.encoders)):
         module.to(device)
@@ -41,6 +75,9 @@ class HostBackend(Backend):
         # full copy of an SDXL checkpoint is too much memory to keep around in a web UI.
         self._model_ref: weakref.ref | None = None
         self._model_key: tuple | None = None
+        self._owner_ref: weakref.ref | None = None  # the web UI model whose tensors the cached model shares
+        self._owner_probe: int | None = None
+        self._shared_model = None
         self._training = False
         self._shown_preview: str | None = None
 
@@ -80,37 +117,94 @@ class HostBackend(Backend):
         return path, (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
     def current_model(self):
-        """The web UI's current checkpoint as a TIModel (on its device while training, else on the CPU)."""
-        from ti_core.models import load_model
+        """The web UI's current checkpoint as a TIModel.
 
+        Built over the web UI's own loaded tensors when it has the checkpoint loaded in a layout we can
+        map (A1111/reForge: SD1, SD2, SDXL): instant, and no second copy in memory. Otherwise the file is
+        loaded (on the CPU; moved to the web UI's device while training).
+        """
         path, key = self._checkpoint_key()
         with self._load_lock:
-            model = self._model_ref() if self._model_ref is not None and self._model_key == key else None
+            model = self._cached(key)
             if model is None:
-                log.info("loading %s for the Textual Inversion trainer", path)
-                model = load_model(path)  # a ModelLoadError (ValueError) says what is wrong with the file
+                model = self._model_over_host_weights(path)
+                if model is None:
+                    log.info("loading %s for the Textual Inversion trainer", path)
+                    model = _load_file(path)
                 self._model_ref, self._model_key = weakref.ref(model), key
-            if self._training:
+            if self._training and not model.shares_weights:
                 _move_model(model, self.host.device())
         return model
 
-    def loaded_model(self):
-        """The trainer's copy of the current checkpoint if one is in memory already, else None.
+    def _cached(self, key: tuple):
+        model = self._model_ref() if self._model_ref is not None and self._model_key == key else None
+        if model is not None and model.shares_weights and not self._still_shared():
+            self._forget_shared()
+            return None
+        return model
 
-        Never loads: the UI asks this while it is built and on every refresh, and loading a checkpoint
-        is slow and takes gigabytes.
+    def _still_shared(self) -> bool:
+        """The web UI still has the model whose tensors we share, and they have not moved (unloaded to RAM)."""
+        owner = self._owner_ref() if self._owner_ref is not None else None
+        if owner is None or owner is not self.host.loaded_model():
+            return False
+        first = next(owner.parameters(), None)
+        return first is not None and first.data_ptr() == self._owner_probe
+
+    def _forget_shared(self, _gone=None) -> None:
+        # Called also when the web UI frees its model: the shared tensors must not outlive it here.
+        self._shared_model = None
+        self._owner_ref = None
+
+    def _model_over_host_weights(self, path: Path):
+        """A TIModel sharing the web UI's loaded tensors, or None where that is not possible."""
+        from ti_core.shared_weights import model_from_tensors, original_config_from_yaml, strip_wrappers
+
+        weights = self.host.model_weights()
+        if weights is None:
+            return None
+        try:
+            original = original_config_from_yaml(weights.original_config) if weights.original_config else None
+            model = model_from_tensors(
+                strip_wrappers(weights.tensors),
+                source=str(path),
+                file_path=path,
+                prediction_type=weights.prediction_type,
+                original_config=original,
+            )
+        except ValueError as error:  # a layout we do not map: the file path still works
+            log.info("training on a copy of %s: the web UI's loaded model cannot be shared (%s)", path, error)
+            return None
+        # Kept while the web UI's model lives (building it again on every refresh or keystroke would cost
+        # a second each); dropped as soon as the web UI replaces or frees that model.
+        self._owner_ref = weakref.ref(weights.owner, self._forget_shared)
+        first = next(weights.owner.parameters(), None)
+        self._owner_probe = first.data_ptr() if first is not None else None
+        self._shared_model = model
+        return model
+
+    def loaded_model(self):
+        """A TIModel of the current checkpoint if one is at hand without reading the file, else None.
+
+        The web UI's loaded model is shared (cheap); a copy of the file is never loaded here: the UI asks
+        this while it is built and on every refresh, and loading a checkpoint is slow and takes gigabytes.
         """
         try:
-            _path, key = self._checkpoint_key()
+            path, key = self._checkpoint_key()
         except ValueError:
             return None
         with self._load_lock:
-            return self._model_ref() if self._model_ref is not None and self._model_key == key else None
+            model = self._cached(key)
+            if model is None:
+                model = self._model_over_host_weights(path)
+                if model is not None:
+                    self._model_ref, self._model_key = weakref.ref(model), key
+            return model
 
     def _release_model(self) -> None:
-        """Move the trainer's model off the GPU before the web UI's comes back."""
+        """Move the trainer's own copy off the GPU before the web UI's model comes back."""
         model = self._model_ref() if self._model_ref is not None else None
-        if model is not None:
+        if model is not None and not model.shares_weights:
             _move_model(model, "cpu")
 
     @property
@@ -158,9 +252,13 @@ class HostBackend(Backend):
                 yield
                 return
             with host_job(self.host), Watcher(tick):
-                unload = bool(settings.value(self.host, "ti_trainer_unload_model"))
+                # Training on the web UI's own tensors leaves its model where it is; only a copy loaded
+                # from the file needs the room on the GPU that the web UI's model takes.
+                shared = self.host.model_weights() is not None
+                unload = not shared and bool(settings.value(self.host, "ti_trainer_unload_model"))
+                keep = _shared if shared else _kept
                 try:
-                    with (host_model_freed if unload else _kept)(self.host, self._release_model) as how:
+                    with (host_model_freed if unload else keep)(self.host, self._release_model) as how:
                         log.info("training; the web UI's model: %s", how)
                         self._training = True
                         try:
@@ -171,6 +269,7 @@ class HostBackend(Backend):
                     # The run has written <name>.safetensors (also when interrupted): make the web UI
                     # read it now, after its model is back, so the token works in the next generation.
                     self.reload_embeddings()
+                    release_memory()
 
     def _say(self, message: str) -> None:
         state = self.host.state
@@ -216,3 +315,9 @@ def _kept(_host: Host, before_restore) -> Iterator[str]:
         yield "kept on the GPU (setting)"
     finally:
         before_restore()
+
+
+@contextlib.contextmanager
+def _shared(_host: Host, _before_restore) -> Iterator[str]:
+    """host_model_freed's stand-in when the run trains on the web UI's loaded tensors."""
+    yield "shared with the trainer (no copy)"

@@ -18,6 +18,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -244,3 +245,41 @@ class Host:
             except Exception as error:  # the web UI's loader; a bad file elsewhere in the folder can raise
                 log.warning("could not reload %s: %s", name, error)
         return reloaded
+
+    # ---- the loaded model's weights ---------------------------------------------------------------------
+
+    def model_weights(self) -> ModelWeights | None:
+        """The loaded model's tensors under their checkpoint names, to train on without a second copy.
+
+        None where they cannot be used as they are: no model loaded; a model that is not an LDM/SGM torch
+        module (Forge's and SD.Next's are built differently); --medvram/--lowvram, which move the parts
+        between devices while generating; weights on more than one device or stored in fp8.
+        """
+        model = self.loaded_model()
+        state_dict = getattr(model, "state_dict", None)
+        if model is None or not callable(state_dict) or getattr(model, "lowvram", False):
+            return None
+        if not (hasattr(model, "first_stage_model") and hasattr(getattr(model, "model", None), "diffusion_model")):
+            return None
+        tensors = state_dict()  # detached aliases of the module's own tensors: no copy
+        devices = {tensor.device for tensor in tensors.values()}
+        if len(devices) != 1 or any("float8" in str(tensor.dtype) for tensor in tensors.values()):
+            return None
+        config = getattr(model, "used_config", None)
+        parameterization = getattr(model, "parameterization", None)
+        return ModelWeights(
+            tensors=tensors,
+            original_config=Path(config) if isinstance(config, str | Path) and Path(config).is_file() else None,
+            prediction_type={"v": "v_prediction", "eps": "epsilon"}.get(str(parameterization)),
+            owner=model,
+        )
+
+
+@dataclass
+class ModelWeights:
+    """A web UI model's tensors (original key names, hijack wrappers included) and what describes them."""
+
+    tensors: dict[str, Any]
+    original_config: Path | None  # the LDM/SGM yaml the web UI built the model from
+    prediction_type: str | None
+    owner: Any  # the web UI's model object, to tell when it is replaced
