@@ -206,3 +206,88 @@ def test_a_checkpoint_loads_through_the_yaml_beside_it(checkpoint_with_yaml):
     ids = torch.tensor([[49406, 2677, 49407] + [49407] * 74])
     with torch.no_grad():
         assert torch.equal(model.encoders[0].model(ids)[0], pipeline.text_encoder(ids)[0])
+
+
+# ---- inside a (fake) web UI whose model is a torch module shaped like A1111's ------------------------------
+
+
+def ldm_module(state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A torch module with exactly these parameters under these names, as A1111's LatentDiffusion has them."""
+    root = torch.nn.Module()
+    for key, value in state_dict.items():
+        *path, leaf = key.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        if value.is_floating_point():  # A1111 leaves requires_grad on: it generates under no_grad
+            module.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=True))
+        else:
+            module.register_buffer(leaf, value.clone())
+    return root
+
+
+@pytest.fixture
+def a1111_with_sd_model(monkeypatch, tmp_path, host_models):
+    """A fake A1111 (tests/fake_hosts.py) whose loaded model is an A1111-shaped module of the tiny SD1."""
+    import fake_hosts
+
+    _pipeline, folder, host_weights = host_models["sd1"]
+    host = fake_hosts.install(monkeypatch, "a1111", folder, tmp_path)
+    model = ldm_module(host_weights)
+    model.sd_checkpoint_info = host.model.sd_checkpoint_info
+    model.parameterization = "eps"
+    model.used_config = None
+    host.modules["modules.sd_models"].model_data.sd_model = model
+    host.shared.sd_model = model
+    # The tiny UNet fits no shipped config: the web UI would have built it from its .yaml; here the
+    # diffusers folder stands in for that config.
+    import ti_core.shared_weights as shared_weights
+
+    real = shared_weights.model_from_tensors
+    monkeypatch.setattr(
+        shared_weights, "model_from_tensors", lambda tensors, **kw: real(tensors, **{**kw, "config": folder})
+    )
+    return host, model
+
+
+def test_a_run_in_the_web_ui_trains_on_its_model_and_leaves_it_as_it_was(a1111_with_sd_model, tmp_path, one_thread):
+    import ti_core.models
+    from ti_host.backend import HostBackend
+
+    host, sd_model = a1111_with_sd_model
+    before = digest(sd_model.state_dict())
+    requires_grad = {name: p.requires_grad for name, p in sd_model.named_parameters()}
+    loads = []
+    monkeypatch_load = ti_core.models.load_model
+    ti_core.models.load_model = lambda *a, **k: loads.append(a) or monkeypatch_load(*a, **k)
+    try:
+        backend = HostBackend()
+        model = backend.current_model()
+        assert model.shares_weights and backend.loaded_model() is model  # Create, cards and Inspect use it too
+        token_table = (
+            sd_model.cond_stage_model.wrapped.transformer.text_model.embeddings.token_embedding.wrapped.weight
+        )
+        assert model.encoders[0].token_table.data_ptr() == token_table.data_ptr()
+
+        images = tmp_path / "images"
+        images.mkdir()
+        Image.new("RGB", (64, 64), (10, 200, 90)).save(images / "a.png")
+        config = TrainConfig(
+            name="in_host",
+            embeddings_dir=backend.embeddings_dir,
+            log_dir=tmp_path / "log",
+            steps=2,
+            data=DataConfig(images=images, resolution=64),
+        )
+        job = backend.start_training(config)
+        assert job.wait(300)
+        assert job.snapshot()["stopped"] == "done", job.snapshot()["message"]
+    finally:
+        ti_core.models.load_model = monkeypatch_load
+    assert loads == []  # the checkpoint file was never read
+    assert digest(sd_model.state_dict()) == before
+    assert {name: p.requires_grad for name, p in sd_model.named_parameters()} == requires_grad
+    # The web UI's model stayed where it was: nothing was sent to the CPU and back.
+    assert not {"send_model_to_cpu", "unload_model_weights", "unload_all_models"} & set(host.record.names())

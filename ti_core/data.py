@@ -431,7 +431,9 @@ def _vae_placed(vae, device, dtype: torch.dtype) -> Iterator[None]:
     # The very tensors are put back, not a cast of the moved ones: a round trip through another dtype
     # would be a copy, and the weights may be a web UI's, shared (ti_core.shared_weights).
     before = [(tensor, tensor.data) for tensor in [*vae.parameters(), *vae.buffers()]]
-    vae.to(device=device if device is not None else parameter.device, dtype=dtype)
+    target = torch.device(device) if device is not None else parameter.device
+    if target != parameter.device or dtype != parameter.dtype:  # diffusers warns on every `to(dtype=...)`
+        vae.to(device=target, dtype=dtype)
     try:
         yield
     finally:

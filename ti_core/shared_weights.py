@@ -187,8 +187,14 @@ def _text_encoder(config: dict[str, Any], with_projection: bool, lookup, what: s
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    try:  # skip the random initialisation of weights that are replaced at once (a second on the CPU)
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
     text_config = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
-    with init_empty_weights():  # parameters on the meta device; buffers (position ids) built for real
+    # Parameters on the meta device; buffers (position ids) built for real.
+    with init_empty_weights(), no_init_weights():
         model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(text_config)
     _assign(model, lookup, what)
     return model
