@@ -4,11 +4,14 @@ What we write (what A1111, Forge, reForge, SD.Next, ComfyUI and diffusers all re
 - one text encoder (SD1 clip_l, SD2 clip_h): ``{"emb_params": [N, d]}`` (kohya's layout; A1111 asserts one tensor);
 - SDXL: ``{"clip_l": [N, 768], "clip_g": [N, 1280]}`` (kohya, A1111, OneTrainer);
 float32, with string metadata (name, step, vectors, init text, base model, settings) in the safetensors header.
+Exports (``export_embedding``): diffusers ``{token: tensor}`` files, A1111 ``.pt`` in torch's legacy
+serialisation, and image cards carrying the embedding in their text chunk and their pixels.
 
 What we read: those; OneTrainer's ``emp_params`` (and its ``*_out`` output embeddings, ignored); any
 single-tensor safetensors or diffusers ``{token: tensor}`` (.safetensors or .bin); A1111 ``.pt``
-(``string_to_param``), legacy and zip serialisation; PNG images carrying A1111's ``sd-ti-embedding`` chunk.
-Pickle files are read with ``weights_only=True``, so a payload in them never runs.
+(``string_to_param``), kohya ``.pt``, the original textual_inversion repository's ``ParameterDict`` ``.pt``,
+legacy and zip serialisation; PNG/WEBP images carrying A1111's ``sd-ti-embedding`` chunk or, without it, the
+embedding in their pixels. Pickle files go through safe_pickle's restricted unpickler, so a payload never runs.
 """
 
 from __future__ import annotations
