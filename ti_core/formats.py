@@ -69,6 +69,9 @@ class EmbeddingFileError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = Path(path), reason
 
+    def __reduce__(self):  # the exception crosses processes (accelerate) intact
+        return (type(self), (self.path, self.reason))
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
