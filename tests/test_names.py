@@ -150,7 +150,10 @@ def test_reserved_device_names_are_rejected(device, upper, extension):
         ("my cat", [["ComfyUI's `embedding:my cat` looks up only `my`", "`my_cat` works in every UI"]]),
         ("cat", [["already a word of the CLIP vocabulary", "diffusers", "SD.Next", "`cat_ti` works in every UI"]]),
         ("tree", [["already a word of the CLIP vocabulary", "`tree_ti`"]]),
-        ("MyCat", [["capital letters", "diffusers and SD.Next", "ComfyUI", "`mycat` works in every UI"]]),
+        (
+            "MyCat",
+            [["capital letters", "diffusers on transformers 4 (SD.Next", "ComfyUI", "`mycat` works in every UI"]],
+        ),
         ("cat(v2)", [["brackets", "emphasis", "`cat_v2` works in every UI"]]),
         ("My Cat", [["has a space", "`my_cat`"], ["capital letters", "`my_cat`"]]),
         ("Cat toy", [["has a space", "`cat_toy`"], ["capital letters", "`cat_toy`"]]),

@@ -349,8 +349,6 @@ def _export_plan(embedding: Embedding, to: str, out_dir: Path, preview: Path | N
                 )
                 for key in SDXL_KEYS
             }
-        if len(embedding.vectors) != 1:
-            _tensors_to_write(embedding)  # raises: not an encoder set any tool reads
         return {
             embedding_path(out_dir, name): lambda path, overwrite: export_diffusers(
                 embedding, path, overwrite=overwrite
@@ -509,7 +507,7 @@ def _embedding_json(text: str | bytes) -> Any:
     """A1111's image payload: JSON whose tensors are {"TORCHTENSOR": nested list}; ValueError if it is not."""
     try:
         data = json.loads(text, object_hook=_decode_tensor)
-    except (ValueError, TypeError, RecursionError) as error:
+    except (ValueError, TypeError, RuntimeError, RecursionError) as error:  # torch.tensor of a ragged list, too
         raise ValueError(_first_line(error)) from error
     if not isinstance(data, dict):
         raise ValueError(f"it holds a {type(data).__name__}, not an embedding")

@@ -138,7 +138,7 @@ def name_warnings(name: str) -> list[str]:
     if name != name.lower():
         warnings.append(
             f"`{name}` has capital letters: A1111, Forge and reForge lowercase it with the prompt, but diffusers "
-            "and SD.Next (on the transformers versions they pin) match it only typed with the same capitals, and "
-            f"ComfyUI's `embedding:` lookup is case-sensitive on Linux; {alternative}."
+            "on transformers 4 (SD.Next, and the A1111-era stacks) matches it only typed with the same capitals, "
+            f"and ComfyUI's `embedding:` lookup is case-sensitive on Linux; {alternative}."
         )
     return warnings
