@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ti_core.cli import main
 from ti_core.create import create_embedding
@@ -141,3 +142,70 @@ def test_module_entry_point_runs(tmp_path):
         timeout=120,
     )
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_create_warns_about_a_name_some_uis_miss_but_creates_it(tiny_model_dirs, tmp_path, capsys):
+    args = ["create", "--model", str(tiny_model_dirs["sd1"]), "--embeddings-dir", str(tmp_path)]
+    assert main([*args, "--name", "my cat"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(tmp_path / "my cat.safetensors")
+    # (stderr also carries the model loader's progress bars)
+    (warning,) = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    assert warning.startswith("warning: `my cat` has a space: ComfyUI") and "`my_cat`" in warning
+    assert load_embedding(tmp_path / "my cat.safetensors").name == "my cat"
+    assert main([*args, "--name", "zzzz1234"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_inspect_lists_each_field_once_and_says_when_a_file_does_not_fit(tiny_model_dirs, tmp_path, capsys):
+    main(["create", "--model", str(tiny_model_dirs["sd1"]), "--name", "zzzz1234", "--embeddings-dir", str(tmp_path)])
+    capsys.readouterr()
+    path = tmp_path / "zzzz1234.safetensors"
+    assert main(["inspect", str(path), "--model", str(tiny_model_dirs["sd1"])]) == 0
+    fields = [line.split(":")[0].strip() for line in capsys.readouterr().out.splitlines()]
+    assert len(fields) == len(set(fields)) and fields.count("architecture") == 1
+    assert {"format", "fits", "init_text", "clip_l[0]"} <= set(fields)
+    # The tiny SD1 file on the tiny SDXL model: shown, with why it does not fit (no half-embedding).
+    assert main(["inspect", str(path), "--model", str(tiny_model_dirs["sdxl"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fits"] is False and "does not fit this SDXL model" in info["does_not_fit_because"]
+    assert "nearest_tokens" not in info and info["format"] == "emb_params (kohya/A1111), ti_core"
+
+
+def test_inspect_names_a_kohya_pt_and_refuses_t5_in_one_line(tmp_path, capsys):
+    torch.save({"emb_params": torch.randn(2, 768)}, tmp_path / "kohya.pt")
+    assert main(["inspect", str(tmp_path / "kohya.pt")]) == 0
+    assert "format: emb_params (kohya .pt)" in capsys.readouterr().out
+    save_file({"clip_l": torch.zeros(1, 768), "t5": torch.zeros(1, 4096)}, tmp_path / "flux.safetensors")
+    assert main(["inspect", str(tmp_path / "flux.safetensors")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "T5" in line and "not for SD1, SD2 or SDXL" in line
+
+
+def test_export_prints_the_files_and_the_diffusers_lines(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    main(["create", "--model", str(tiny_model_dirs["sdxl"]), "--name", "Cat", "--embeddings-dir", str(tmp_path)])
+    capsys.readouterr()
+    source = tmp_path / "Cat.safetensors"
+    assert main(["export", str(source), "--to", "diffusers", "--out", str(tmp_path / "d")]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[:2] == [
+        str(tmp_path / "d" / "Cat_clip_l.safetensors"),
+        str(tmp_path / "d" / "Cat_clip_g.safetensors"),
+    ]
+    assert lines[2].startswith("# pipe:") and len(lines) == 5
+    assert all(line.startswith("pipe.load_textual_inversion(") for line in lines[3:])
+    (warning,) = captured.err.strip().splitlines()
+    assert warning.startswith("warning: `Cat` has capital letters")
+    monkeypatch.chdir(tmp_path / "d")  # the default --out is the current folder
+    assert main(["export", str(source), "--to", "image"]) == 0
+    assert capsys.readouterr().out.strip() == "Cat.png"
+    assert load_embedding(tmp_path / "d" / "Cat.png").num_vectors == 1
+    # Exporting again is refused (one line), as is an unknown format (a usage error).
+    assert main(["export", str(source), "--to", "image"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "--overwrite" in line
+    assert main(["export", str(source), "--to", "image", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(source), "--to", "ckpt"]) == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
+import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
@@ -14,19 +18,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ti_core
-from ti_core import formats
+from ti_core import formats, image_data
 from ti_core.embedding import Embedding
 from ti_core.formats import (
     EmbeddingFileError,
     atomic_write,
+    diffusers_loading_code,
     export_a1111_pt,
     export_diffusers,
+    export_embedding,
     list_embeddings,
     load_embedding,
+    read_embedding,
     save_embedding,
+    save_embedding_card,
     save_embedding_png,
     save_embedding_to,
 )
+from ti_core.inspect import describe
 
 SD1 = {"clip_l": 768}
 SD2 = {"clip_h": 1024}
@@ -176,6 +185,107 @@ def test_bare_tensor_pt(tmp_path):
     _equal(load_embedding(tmp_path / "bare.pt"), {"clip_l": tensor})
 
 
+def _textual_inversion_pt(tensor: torch.Tensor, old_torch: bool = False) -> dict:
+    """What the original textual_inversion repository's EmbeddingManager.save writes."""
+    parameters = torch.nn.ParameterDict({"*": torch.nn.Parameter(tensor.clone())})
+    if old_torch:  # torch 1.11's ParameterDict kept its parameters in _parameters only: no _keys
+        del parameters.__dict__["_keys"]
+    return {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": parameters}
+
+
+@pytest.mark.parametrize("old_torch", [False, True], ids=["torch2", "torch1.11"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_original_textual_inversion_parameterdict_pt(tmp_path, legacy, old_torch):
+    tensor = _vectors(2, 768, 30)
+    path = tmp_path / "sculpture.pt"
+    torch.save(_textual_inversion_pt(tensor, old_torch), path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(Exception, match="Unsupported global"):  # what torch's own safe loader says
+        torch.load(path, weights_only=True)
+    loaded, layout = read_embedding(path)
+    assert loaded.name == "sculpture" and loaded.step == 0
+    _equal(loaded, {"clip_l": tensor})
+    assert layout == "textual-inversion-pt (ParameterDict, original textual_inversion repository)"
+    assert list_embeddings(tmp_path) == [path]
+
+
+class _NumpyTensor:
+    """Pickles as torch pickles a tensor of a device without storage: its data as a numpy array."""
+
+    def __init__(self, array: numpy.ndarray):
+        self.array = array
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_device_tensor_from_numpy, (self.array, torch.float32, "xla:0", False))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_tensors_rebuilt_from_numpy_arrays(tmp_path, legacy):
+    array = _vectors(3, 1024, 31).numpy().astype(numpy.float16)
+    data = {"string_to_param": {"*": _NumpyTensor(array)}, "name": "np", "step": numpy.int64(42)}
+    torch.save(data, tmp_path / "numpy.pt", _use_new_zipfile_serialization=not legacy)
+    loaded = load_embedding(tmp_path / "numpy.pt")
+    assert loaded.step == 42  # a numpy integer, as numpy-based tools store the step
+    _equal(loaded, {"clip_h": torch.from_numpy(array).float()})
+
+
+def test_kohya_pt_files(tmp_path, sdxl):
+    """kohya's trainers write .pt files with the same keys as their .safetensors files."""
+    tensor = _vectors(2, 768, 32)
+    torch.save({"emb_params": tensor}, tmp_path / "kohya.pt")
+    loaded, layout = read_embedding(tmp_path / "kohya.pt")
+    _equal(loaded, {"clip_l": tensor})
+    assert layout == "emb_params (kohya .pt)"
+    torch.save(dict(sdxl.vectors), tmp_path / "kohya-xl.pt")
+    loaded, layout = read_embedding(tmp_path / "kohya-xl.pt", widths=SDXL)
+    _equal(loaded, sdxl.vectors)
+    assert layout == "sdxl (clip_l + clip_g), kohya .pt"
+
+
+def test_layout_names(tmp_path, sd1, sdxl):
+    tensor = _vectors(1, 768, 33)
+    files = {
+        "ours.safetensors": (lambda p: save_embedding_to(sd1, p), "emb_params (kohya/A1111), ti_core"),
+        "ours-xl.safetensors": (lambda p: save_embedding_to(sdxl, p), "sdxl (clip_l + clip_g), ti_core"),
+        "kohya.safetensors": (lambda p: save_file({"emb_params": tensor}, p), "emb_params (kohya/A1111)"),
+        "onetrainer.safetensors": (
+            lambda p: save_file({"emp_params": tensor, "emp_params_out": tensor.clone()}, p),
+            "emp_params (OneTrainer)",
+        ),
+        "onetrainer-xl.safetensors": (
+            lambda p: save_file(
+                {**sdxl.vectors, "clip_l_out": torch.ones(4, 768), "clip_g_out": torch.ones(4, 1280)}, p
+            ),
+            "sdxl (clip_l + clip_g), OneTrainer",
+        ),
+        "learned_embeds.safetensors": (lambda p: save_file({"<cat>": tensor}, p), "single tensor (diffusers)"),
+        "learned_embeds.bin": (lambda p: torch.save({"<cat>": tensor}, p), "diffusers-bin"),
+        "a1111.pt": (lambda p: torch.save(_a1111_pt(tensor), p), "a1111-pt"),
+        "bare.pt": (lambda p: torch.save(tensor, p), "bare tensor (.pt)"),
+        "chunk.png": (lambda p: _a1111_png(p, _a1111_pt(tensor)), "a1111-image (text chunk)"),
+    }
+    for filename, (write, expected) in files.items():
+        write(tmp_path / filename)
+        assert read_embedding(tmp_path / filename)[1] == expected, filename
+        assert describe(tmp_path / filename, load_embedding(tmp_path / filename))["format"] == expected
+
+
+@pytest.mark.parametrize(
+    ("tensors", "shown"),
+    [
+        ({"clip_l": (2, 768), "clip_g": (2, 1280), "t5": (2, 4096)}, "t5 [2, 4096]"),  # OneTrainer, SD3
+        ({"clip_l": (1, 768), "t5": (1, 4096), "t5_out": (1, 4096)}, "t5 [1, 4096]"),  # OneTrainer, Flux
+        ({"emb_params": (3, 4096)}, "emb_params [3, 4096]"),  # a single T5-XXL-wide tensor
+    ],
+)
+def test_t5_embeddings_get_one_line_saying_what_they_are_for(tmp_path, tensors, shown):
+    path = tmp_path / "flux-thing.safetensors"
+    save_file({key: torch.zeros(shape) for key, shape in tensors.items()}, path)
+    for widths in (None, SD1, SDXL):
+        message = _load_error(path, widths=widths)
+        assert f"is a T5 text-encoder embedding ({shown}), for SD3 or Flux models" in message
+        assert "it is not for SD1, SD2 or SDXL" in message
+
+
 def test_a1111_png_chunk(tmp_path):
     tensor = _vectors(3, 768, 12)
     path = tmp_path / "image file.png"
@@ -210,11 +320,88 @@ def test_png_round_trip_largest_sdxl(tmp_path):
     _equal(load_embedding(path, widths=SDXL), embedding.vectors)
 
 
+def _strip_chunk(source: Path, target: Path, **save_options) -> Path:
+    """A copy of an image without its text chunks, as an editor or a converter writes it."""
+    with Image.open(source) as image:
+        image.convert("RGB").save(target, **save_options)
+    with Image.open(target) as image:
+        assert "sd-ti-embedding" not in image.info
+    return target
+
+
+@pytest.mark.parametrize("which", ["sd1", "sd2", "sdxl"])
+def test_card_carries_the_embedding_in_chunk_and_pixels(tmp_path, which, request):
+    embedding = request.getfixturevalue(which)
+    card = save_embedding_card(embedding, tmp_path / "card.png")
+    loaded, layout = read_embedding(card)
+    assert layout == "a1111-image (text chunk)"
+    _equal(loaded, embedding.vectors)
+    copies = [
+        _strip_chunk(card, tmp_path / "resaved.png"),
+        _strip_chunk(card, tmp_path / "converted.webp", lossless=True),
+    ]
+    for copy in copies:
+        loaded, layout = read_embedding(copy)
+        assert layout == "a1111-image (pixels)", copy.name
+        _equal(loaded, embedding.vectors)
+        assert loaded.name == (embedding.name if which != "sdxl" else copy.stem)  # SDXL's payload has no name
+    assert list_embeddings(tmp_path) == sorted([card, *copies])
+
+
+def test_card_around_a_preview_picture(tmp_path, sd1):
+    picture = Image.new("RGB", (320, 200), (200, 30, 30))
+    card = save_embedding_card(sd1, tmp_path / "card.png", picture)
+    with Image.open(card) as image:
+        assert image.height == 200 and image.width > 320
+        middle = image.convert("RGB").getpixel((image.width // 2, 100))
+    assert middle == (200, 30, 30)  # the picture itself, between the strips and caption bands
+    _equal(load_embedding(_strip_chunk(card, tmp_path / "copy.png")), sd1.vectors)
+
+
+def test_largest_sdxl_card_round_trips(tmp_path):
+    embedding = Embedding("big", {"clip_l": _vectors(75, 768, 34), "clip_g": _vectors(75, 1280, 35)})
+    card = save_embedding_card(embedding, tmp_path / "big.png")
+    _equal(load_embedding(_strip_chunk(card, tmp_path / "copy.png"), widths=SDXL), embedding.vectors)
+
+
+def test_a_lossy_copy_or_a_plain_picture_is_not_an_embedding(tmp_path, sd1):
+    card = save_embedding_card(sd1, tmp_path / "card.png")
+    lossy = _strip_chunk(card, tmp_path / "lossy.webp", quality=90)
+    assert "no embedding in its pixels" in _load_error(lossy)
+    striped = Image.new("RGB", (64, 64), (90, 90, 90))
+    for x in (10, 20):  # two black columns, but no data between them
+        striped.paste((0, 0, 0), (x, 0, x + 1, 64))
+    striped.save(tmp_path / "striped.png")
+    assert "no embedding in its pixels" in _load_error(tmp_path / "striped.png")
+    assert list_embeddings(tmp_path) == [card]
+
+
+def test_the_key_stream_is_the_lcg_of_the_image_format():
+    expected, state = [], 0
+    for _ in range(50_000):
+        state = (1664525 * state + 1013904223) % 2**32
+        expected.append(state % 255)
+    assert expected[:5] == [253, 242, 127, 44, 157]
+    assert image_data.key_stream(50_000).tolist() == [value & 0x0F for value in expected]
+
+
 def test_widths_pick_the_matching_encoder(tmp_path):
     save_file({"emb_params": _vectors(2, 48, 15)}, tmp_path / "tiny.safetensors")
     assert set(load_embedding(tmp_path / "tiny.safetensors", widths={"clip_h": 48}).vectors) == {"clip_h"}
-    save_file({"emb_params": _vectors(2, 1280, 15)}, tmp_path / "g.safetensors")
-    assert set(load_embedding(tmp_path / "g.safetensors", widths=SDXL).vectors) == {"clip_g"}
+    assert set(load_embedding(tmp_path / "tiny.safetensors", widths={"clip_l": 48}).vectors) == {"clip_l"}
+
+
+@pytest.mark.parametrize(
+    ("width", "what"),
+    [(768, "an SD1 embedding"), (1024, "an SD2 embedding"), (1280, "only the clip_g half of an SDXL embedding")],
+)
+def test_one_tensor_does_not_fit_sdxl(tmp_path, width, what):
+    """The web UIs skip a one-tensor file on SDXL (not 768 + 1280 wide): it is no half-embedding here either."""
+    path = tmp_path / "single.safetensors"
+    save_file({"emb_params": _vectors(2, width, 15)}, path)
+    message = _load_error(path, widths=SDXL)
+    assert f"does not fit this SDXL model: it is {what}" in message
+    assert "SDXL needs clip_l [N, 768] + clip_g [N, 1280]; the web UIs skip it" in message
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -386,8 +573,106 @@ def test_export_a1111_pt(tmp_path, sd1, sdxl):
     loaded = load_embedding(path)
     _equal(loaded, sd1.vectors)
     assert loaded.step == 120 and loaded.metadata["sd_checkpoint"] == "0123456789"
-    with pytest.raises(ValueError, match="text encoders"):
-        export_a1111_pt(sdxl, tmp_path / "xl.pt")
+    assert not zipfile.is_zipfile(path)  # torch's legacy serialisation, which every web UI's safe loader reads
+    xl = export_a1111_pt(sdxl, tmp_path / "xl.pt")  # kohya's SDXL layout; A1111 wants nothing but the tensors
+    assert sorted(torch.load(xl, map_location="cpu", weights_only=True)) == ["clip_g", "clip_l"]
+    assert not zipfile.is_zipfile(xl)
+    _equal(load_embedding(xl, widths=SDXL), sdxl.vectors)
+
+
+def test_export_embedding_each_format_reads_back(tmp_path, sd1, sdxl):
+    source = save_embedding(sd1, tmp_path / "embeddings")
+    out = tmp_path / "exports"
+    (diffusers,) = export_embedding(source, "diffusers", out / "d")
+    assert diffusers == out / "d" / "cat toy.safetensors"
+    assert list(load_file(diffusers)) == ["cat toy"]  # the key is the token load_textual_inversion adds
+    (pt,) = export_embedding(source, "a1111-pt", out / "pt")
+    assert pt == out / "pt" / "cat toy.pt" and not zipfile.is_zipfile(pt)
+    (card,) = export_embedding(source, "image", out / "img")
+    assert card == out / "img" / "cat toy.png"
+    for path in (diffusers, pt, card):
+        loaded = load_embedding(path, widths=SD1)
+        _equal(loaded, sd1.vectors)
+        assert loaded.name == "cat toy"
+    assert load_embedding(pt).step == 120 and load_embedding(card).step == 120
+    xl_source = save_embedding(sdxl, tmp_path / "embeddings")
+    xl_files = export_embedding(xl_source, "diffusers", out / "xl")
+    assert xl_files == [out / "xl" / "xl thing_clip_l.safetensors", out / "xl" / "xl thing_clip_g.safetensors"]
+    for path, key in zip(xl_files, ("clip_l", "clip_g"), strict=True):
+        assert torch.equal(load_file(path)["xl thing"], sdxl.vectors[key])
+    for to in ("a1111-pt", "image"):
+        (path,) = export_embedding(xl_source, to, out / f"xl-{to}")
+        _equal(load_embedding(path, widths=SDXL), sdxl.vectors)
+
+
+def test_image_export_uses_the_preview(tmp_path, sd1):
+    source = save_embedding(sd1, tmp_path / "embeddings")
+    Image.new("RGB", (300, 300), (20, 160, 40)).save(source.with_name("cat toy.preview.png"))
+    (card,) = export_embedding(source, "image", tmp_path / "out")
+    with Image.open(card) as image:
+        assert image.height == 300 and image.convert("RGB").getpixel((image.width // 2, 150)) == (20, 160, 40)
+    other = tmp_path / "other.png"
+    Image.new("RGB", (100, 80), (1, 2, 250)).save(other)
+    (card,) = export_embedding(source, "image", tmp_path / "out2", preview=other)
+    with Image.open(card) as image:
+        assert image.height == 80 and image.convert("RGB").getpixel((image.width // 2, 40)) == (1, 2, 250)
+
+
+def test_diffusers_loading_code_names_each_file_and_encoder(tmp_path, sd2, sdxl):
+    single = export_embedding(save_embedding(sd2, tmp_path / "e"), "diffusers", tmp_path / "out")
+    lines = diffusers_loading_code(single).splitlines()
+    assert lines[0].startswith("# pipe: ")
+    assert lines[1:] == [f'pipe.load_textual_inversion("{single[0].absolute()}", token="sd2-style")']
+    pair = export_embedding(save_embedding(sdxl, tmp_path / "e"), "diffusers", tmp_path / "out")
+    assert diffusers_loading_code(pair).splitlines()[1:] == [
+        f'pipe.load_textual_inversion("{pair[0].absolute()}", token="xl thing", '
+        "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+        f'pipe.load_textual_inversion("{pair[1].absolute()}", token="xl thing", '
+        "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
+    ]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_export_refusals_write_nothing(tmp_path, sd1):
+    folder = tmp_path / "embeddings"
+    source = save_embedding(sd1, folder)
+    (tmp_path / "out").mkdir()
+    export_embedding(source, "a1111-pt", tmp_path / "out")
+    before = _tree(tmp_path)
+    cases = [
+        ((source, "ckpt", tmp_path / "out2"), ValueError, "unknown export format 'ckpt'"),
+        ((source, "diffusers", folder), FileExistsError, "is the file being exported"),
+        ((source, "a1111-pt", folder), FileExistsError, "already holds cat toy.safetensors"),
+        ((source, "a1111-pt", tmp_path / "out"), FileExistsError, "pass --overwrite to replace it"),
+        ((source, "image", source), NotADirectoryError, "is not a folder"),
+        ((tmp_path / "missing.safetensors", "image", tmp_path / "out2"), EmbeddingFileError, "cannot be read"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message) as caught:
+            export_embedding(*args)
+        assert "\n" not in str(caught.value)
+    assert _tree(tmp_path) == before
+    export_embedding(source, "a1111-pt", tmp_path / "out", overwrite=True)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")
+def test_exports_stay_inside_the_chosen_folder(tmp_path, sd1):
+    source = save_embedding(sd1, tmp_path / "embeddings")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cat toy.pt").symlink_to(tmp_path / "elsewhere.pt")
+    with pytest.raises(ValueError, match="outside"):
+        export_embedding(source, "a1111-pt", out, overwrite=True)
+    evil = tmp_path / "evil.png"  # an image's stored name is its token: here one that climbs out
+    _a1111_png(evil, _a1111_pt(sd1.vectors["clip_l"], name="../../escaped"))
+    with pytest.raises(ValueError, match="cannot export it under its stored name"):
+        export_embedding(evil, "a1111-pt", out)
+    assert sorted(path.name for path in tmp_path.rglob("*")) == sorted(
+        ["embeddings", "cat toy.safetensors", "out", "cat toy.pt", "evil.png"]
+    )
 
 
 def _a1111_reads(path: Path) -> tuple[int, int]:
@@ -486,6 +771,45 @@ def test_malicious_pickle_never_runs(tmp_path, suffix, legacy):
     assert not marker.exists()
 
 
+class _NestedPickle:
+    """A payload hidden in a second pickle, the way plain pickle.dump stores a tensor's storage."""
+
+    def __init__(self, marker: Path):
+        self.inner = pickle.dumps(_Payload(marker))
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.inner,))
+
+
+def _payload_places(marker: Path) -> dict:
+    """Code payloads where an embedding file has room for them next to its tensors."""
+    hooked = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.zeros(1, 768))})
+    hooked.__dict__["_forward_hooks"] = OrderedDict({0: _Payload(marker)})
+    objects = numpy.empty(2, dtype=object)
+    objects[:] = [_Payload(marker), 1.0]
+    return {
+        "in a ParameterDict's hooks": {"string_to_param": hooked},
+        "as a numpy array of objects": {"string_to_param": {"*": _NumpyTensor(objects)}},
+        "in a nested pickle": {"string_to_param": {"*": _NestedPickle(marker)}},
+        "in another field": {
+            "string_to_param": {"*": torch.nn.Parameter(torch.zeros(1, 768))},
+            "step": OrderedDict({"x": _Payload(marker)}),
+        },
+    }
+
+
+@pytest.mark.parametrize("place", _payload_places(Path("x")))
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_code_payloads_next_to_allowed_classes_never_run(tmp_path, place, legacy):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save(_payload_places(marker)[place], path, _use_new_zipfile_serialization=not legacy)
+    assert not marker.exists()
+    message = _load_error(path)
+    assert "holds pickled code or objects other than tensors" in message and "refusing to load it" in message
+    assert not marker.exists()
+
+
 def test_zero_byte_files(tmp_path):
     for suffix in (".safetensors", ".pt", ".bin", ".png", ".webp"):
         path = tmp_path / f"empty{suffix}"
@@ -527,11 +851,14 @@ def test_wrong_width(tmp_path, sd1, sd2, sdxl):
     message = _load_error(save_embedding(sd1, tmp_path), widths=SD2)
     assert "has width 768 but this model's text encoder is 1024 wide (an SD1 embedding on an SD2 model?)" in message
     message = _load_error(save_embedding(sd2, tmp_path), widths=SDXL)
-    assert "has width 1024" in message and "an SD2 embedding on an SDXL model?" in message
+    assert "does not fit this SDXL model: it is an SD2 embedding (one 1024-wide tensor)" in message
     message = _load_error(save_embedding(sdxl, tmp_path), widths=SD1)
     assert "SDXL embedding" in message and "on an SD1 model?" in message
     message = _load_error(tmp_path / "xl thing.safetensors", widths={"clip_l": 32, "clip_g": 40})
     assert "clip_l has width 768, not 32" in message
+    save_file({"emb_params": _vectors(2, 32, 15)}, tmp_path / "tiny.safetensors")
+    message = _load_error(tmp_path / "tiny.safetensors", widths={"clip_l": 32, "clip_g": 48})
+    assert "does not fit this SDXL model: it is a single 32-wide tensor, and SDXL needs clip_l [N, 32]" in message
     torch.save(_a1111_pt(torch.zeros(1, 64)), tmp_path / "odd.pt")
     assert "has width 64 but this model's text encoder is 32 wide" in _load_error(
         tmp_path / "odd.pt", widths={"clip_l": 32}

@@ -421,6 +421,20 @@ def test_create_refuses_to_overwrite_unless_asked(host, backend):
     assert routes.handle(routes.create, backend, {"name": "t", "overwrite": True})[0] == 200
 
 
+def test_create_warns_about_a_name_that_fails_in_some_uis_but_creates_it(host, backend):
+    from ti_core.formats import load_embedding
+    from ti_host import routes
+
+    status, payload = routes.handle(routes.create, backend, {"name": "My Cat"})
+    assert status == 200 and load_embedding(Path(payload["path"])).name == "My Cat"
+    assert (payload["name"], payload["vectors"]) == ("My Cat", 1)
+    assert len(payload["warnings"]) == 2
+    assert "ComfyUI" in payload["warnings"][0] and "`my_cat`" in payload["warnings"][0]
+    assert "capital" in payload["warnings"][1]
+    status, payload = routes.handle(routes.create, backend, {"name": "zzzz1234"})
+    assert status == 200 and payload["warnings"] == []
+
+
 def test_no_model_is_a_400_that_says_what_to_do(monkeypatch, tmp_path, ui_modules):
     fake_hosts.install(monkeypatch, "a1111", None, tmp_path)
     from ti_host import routes

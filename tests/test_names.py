@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ti_core.names import MAX_NAME_LENGTH, embedding_path, validate_name
+from ti_core.names import MAX_NAME_LENGTH, embedding_path, name_warnings, suggested_name, validate_name
 
 RESERVED = ["CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))]
 
@@ -139,3 +139,53 @@ def test_reserved_device_names_are_rejected(device, upper, extension):
     )
     with pytest.raises(ValueError, match="reserved"):
         validate_name(name)
+
+
+# ---- names that work in one UI and silently fail in another ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "fragments"),
+    [
+        ("my cat", [["ComfyUI's `embedding:my cat` looks up only `my`", "`my_cat` works in every UI"]]),
+        ("cat", [["already a word of the CLIP vocabulary", "diffusers", "SD.Next", "`cat_ti` works in every UI"]]),
+        ("tree", [["already a word of the CLIP vocabulary", "`tree_ti`"]]),
+        (
+            "MyCat",
+            [["capital letters", "diffusers on transformers 4 (SD.Next", "ComfyUI", "`mycat` works in every UI"]],
+        ),
+        ("cat(v2)", [["brackets", "emphasis", "`cat_v2` works in every UI"]]),
+        ("My Cat", [["has a space", "`my_cat`"], ["capital letters", "`my_cat`"]]),
+        ("Cat toy", [["has a space", "`cat_toy`"], ["capital letters", "`cat_toy`"]]),
+        ("  spaced  ", []),
+    ],
+)
+def test_name_warnings_name_the_uis_and_a_safe_alternative(name, fragments):
+    warnings = name_warnings(name)
+    assert len(warnings) == len(fragments)
+    for warning, expected in zip(warnings, fragments, strict=True):
+        assert all(fragment in warning for fragment in expected), warning
+        assert "\n" not in warning and warning.endswith(".") and not warning.startswith("warning")
+
+
+@pytest.mark.parametrize("name", ["zzzz1234", "my_cat", "cat_ti", "sks", "cat-toy-v2", "émilie"])
+def test_names_that_work_everywhere_get_no_warning(name):
+    assert name_warnings(name) == []
+
+
+def test_the_vocabulary_check_is_the_real_clip_vocabulary():
+    from ti_core.vocab import clip_tokenizer
+
+    vocabulary = clip_tokenizer().get_vocab()  # what diffusers and SD.Next check a new token against
+    for name in ("cat", "tree", "toy", "my", "photo", "zzzz1234", "my_cat", "cat_ti"):
+        assert bool(name_warnings(name)) == (name in vocabulary), name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="aB c()[]_-日1", min_size=1, max_size=16))
+def test_the_suggested_name_draws_no_warning_and_is_valid(raw):
+    if not raw.strip():
+        return
+    safe = suggested_name(raw)
+    assert validate_name(safe) == safe
+    assert name_warnings(safe) == []

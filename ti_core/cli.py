@@ -1,7 +1,8 @@
-"""`python -m ti_core`: create, inspect and train embeddings from the command line.
+"""`python -m ti_core`: create, inspect, export and train embeddings from the command line.
 
 Exit codes: 0 success, 2 usage errors, 1 everything else; errors are one `error: ...` line on
-stderr, with a traceback only under --debug.
+stderr, with a traceback only under --debug. Names that work in some UIs only get `warning: ...` lines
+on stderr; the command still does what it was asked.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=run_inspect)
 
+    from .formats import EXPORT_FORMATS
+
+    export = commands.add_parser("export", help="write an embedding file in the format another tool loads")
+    export.add_argument("file", type=Path)
+    export.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="the format to write")
+    export.add_argument("--out", type=Path, default=Path("."), help="folder to write into (default: this one)")
+    export.add_argument("--overwrite", action="store_true", help="replace files of the same name there")
+    export.set_defaults(run=run_export)
+
     from .train_cli import add_train_parser
 
     add_train_parser(commands)
@@ -73,30 +83,61 @@ def run_create(args) -> int:
     embedding = create_embedding(model, args.name, args.init_text, args.vectors)
     metadata = {"base_model_hash": model.shorthash() or ""}
     print(save_embedding(embedding, args.embeddings_dir, overwrite=args.overwrite, metadata=metadata))
+    print_name_warnings(embedding.name)
     return 0
 
 
+def print_name_warnings(name: str) -> None:
+    from .names import name_warnings
+
+    for warning in name_warnings(name):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+SHOWN = ("file", "token", "format", "architecture", "vectors", "widths", "step")
+
+
 def run_inspect(args) -> int:
-    from .formats import load_embedding
+    from .formats import EmbeddingFileError, load_embedding
     from .inspect import describe, nearest_tokens
 
     model = load_model_from_args(args) if args.model else None
-    embedding = load_embedding(args.file, widths=model.widths if model else None)
+    embedding = load_embedding(args.file)
     info = describe(args.file, embedding)
     if model:
-        info["nearest_tokens"] = nearest_tokens(model, embedding)
+        try:  # as the model reads it: a file that does not fit is still shown, with the reason
+            fitted = load_embedding(args.file, widths=model.widths)
+        except EmbeddingFileError as error:
+            info["fits"], info["does_not_fit_because"] = False, error.reason
+        else:
+            info["fits"], info["nearest_tokens"] = True, nearest_tokens(model, fitted)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("file", "token", "format", "architecture", "vectors", "widths", "step"):
+    for key in SHOWN:
         print(f"{key:>13}: {info[key]}")
+    if "fits" in info:
+        print(f"{'fits':>13}: " + ("yes" if info["fits"] else f"no, {info['does_not_fit_because']}"))
     for key, norms in info["norms"].items():
         print(f"{'norms ' + key:>13}: {', '.join(f'{n:.3f}' for n in norms)}")
     for key, value in info["metadata"].items():
-        print(f"{key:>13}: {value}")
+        if key not in SHOWN:
+            print(f"{key:>13}: {value}")
     for key, rows in info.get("nearest_tokens", {}).items():
         for index, row in enumerate(rows):
             print(f"{f'{key}[{index}]':>13}: " + ", ".join(f"{token} ({score:.2f})" for token, score in row))
+    return 0
+
+
+def run_export(args) -> int:
+    from .formats import diffusers_loading_code, export_embedding, load_embedding
+
+    written = export_embedding(args.file, args.to, args.out, overwrite=args.overwrite)
+    for path in written:
+        print(path)
+    if args.to == "diffusers":
+        print(diffusers_loading_code(written))
+    print_name_warnings(load_embedding(args.file).name)  # the token the other tool will use
     return 0
 
 

@@ -4,30 +4,35 @@ What we write (what A1111, Forge, reForge, SD.Next, ComfyUI and diffusers all re
 - one text encoder (SD1 clip_l, SD2 clip_h): ``{"emb_params": [N, d]}`` (kohya's layout; A1111 asserts one tensor);
 - SDXL: ``{"clip_l": [N, 768], "clip_g": [N, 1280]}`` (kohya, A1111, OneTrainer);
 float32, with string metadata (name, step, vectors, init text, base model, settings) in the safetensors header.
+Exports (``export_embedding``): diffusers ``{token: tensor}`` files, A1111 ``.pt`` in torch's legacy
+serialisation, and image cards carrying the embedding in their text chunk and their pixels.
 
 What we read: those; OneTrainer's ``emp_params`` (and its ``*_out`` output embeddings, ignored); any
 single-tensor safetensors or diffusers ``{token: tensor}`` (.safetensors or .bin); A1111 ``.pt``
-(``string_to_param``), legacy and zip serialisation; PNG images carrying A1111's ``sd-ti-embedding`` chunk.
-Pickle files are read with ``weights_only=True``, so a payload in them never runs.
+(``string_to_param``), kohya ``.pt``, the original textual_inversion repository's ``ParameterDict`` ``.pt``,
+legacy and zip serialisation; PNG/WEBP images carrying A1111's ``sd-ti-embedding`` chunk or, without it, the
+embedding in their pixels. Pickle files go through safe_pickle's restricted unpickler, so a payload never runs.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import json
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, image_data
 from .embedding import Embedding
-from .names import embedding_path
+from .names import embedding_path, validate_name
+from .safe_pickle import ParameterDictContents, RefusedGlobal, load_pickle
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pt", ".bin")
@@ -44,6 +49,12 @@ SDXL_KEYS = ("clip_l", "clip_g")
 # Encoder key of a single-tensor file by its width, when the model is not known.
 KEY_BY_WIDTH = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
 _KIND_BY_WIDTH = {768: "SD1", 1024: "SD2", 1280: "SDXL clip_g"}
+_SINGLE_ON_SDXL = {
+    768: "an SD1 embedding (one 768-wide tensor)",
+    1024: "an SD2 embedding (one 1024-wide tensor)",
+    1280: "only the clip_g half of an SDXL embedding",
+}
+T5_WIDTH = 4096  # T5-XXL, the third text encoder of SD3 and the second of Flux
 _KIND_BY_WIDTHS = {
     (("clip_l", 768),): "SD1",
     (("clip_h", 1024),): "SD2",
@@ -53,6 +64,13 @@ _KIND_BY_WIDTHS = {
 
 class EmbeddingFileError(ValueError):
     """An embedding file that cannot be read; the one-line message names the file and says why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+    def __reduce__(self):  # the exception crosses processes (accelerate) intact
+        return (type(self), (self.path, self.reason))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,18 +203,24 @@ def save_embedding_to(
     return atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=header))
 
 
-def export_diffusers(embedding: Embedding, path: Path, *, token: str | None = None, overwrite: bool = True) -> Path:
-    """Write diffusers' ``{token: [N, d]}`` .safetensors (``load_textual_inversion``); single encoder only."""
+def _write_diffusers(embedding: Embedding, path: Path, key: str, token: str, overwrite: bool) -> Path:
     from safetensors.torch import save_file
 
+    tensor = _float32(embedding.vectors[key])
+    _refuse_existing(path, overwrite)
+    # "encoder" tells diffusers_loading_code which text encoder the file is for (diffusers ignores the header).
+    header = {"format": "pt", **header_metadata(embedding), "encoder": key}
+    return atomic_write(path, lambda temp: save_file({token: tensor}, str(temp), metadata=header))
+
+
+def export_diffusers(embedding: Embedding, path: Path, *, token: str | None = None, overwrite: bool = True) -> Path:
+    """Write diffusers' ``{token: [N, d]}`` .safetensors (``load_textual_inversion``); single encoder only."""
     path = Path(path)
     if path.suffix.lower() != SAFETENSORS_SUFFIX:
         raise ValueError(f"{path}: a diffusers export is a .safetensors file")
-    tensor = _single_tensor(embedding, "diffusers")
-    _refuse_existing(path, overwrite)
-    header = {"format": "pt", **header_metadata(embedding)}
-    key = token or embedding.name
-    return atomic_write(path, lambda temp: save_file({key: tensor}, str(temp), metadata=header))
+    _single_tensor(embedding, "diffusers")
+    (key,) = embedding.vectors
+    return _write_diffusers(embedding, path, key, token or embedding.name, overwrite)
 
 
 def _a1111_payload(embedding: Embedding) -> dict[str, Any]:
@@ -213,12 +237,22 @@ def _a1111_payload(embedding: Embedding) -> dict[str, Any]:
     }
 
 
+def _a1111_data(embedding: Embedding) -> dict[str, Any]:
+    """What A1111 reads from a .pt or an image: its own dict for one encoder; ``{"clip_l", "clip_g"}`` and
+    nothing else for SDXL (kohya's layout; A1111's SDXL branch turns every value into a tensor)."""
+    if set(embedding.vectors) == set(SDXL_KEYS):
+        return {key: _float32(embedding.vectors[key]) for key in SDXL_KEYS}
+    return _a1111_payload(embedding)
+
+
 def export_a1111_pt(embedding: Embedding, path: Path, *, overwrite: bool = True) -> Path:
-    """Write A1111's .pt layout (``string_to_param {"*": tensor}``, name, step, checkpoint); single encoder only."""
+    """Write A1111's .pt layout (``string_to_param {"*": tensor}``, name, step, checkpoint; SDXL: kohya's
+    ``{"clip_l", "clip_g"}``) in torch's legacy serialisation, the one every web UI's safe loader reads
+    (some reject torch's newer zip files)."""
     path = Path(path)
-    payload = _a1111_payload(embedding)
+    payload = _a1111_data(embedding)
     _refuse_existing(path, overwrite)
-    return atomic_write(path, lambda temp: torch.save(payload, temp))
+    return atomic_write(path, lambda temp: torch.save(payload, temp, _use_new_zipfile_serialization=False))
 
 
 class _TensorJSONEncoder(json.JSONEncoder):
@@ -248,10 +282,7 @@ def save_embedding_png(embedding: Embedding, path: Path, image, *, overwrite: bo
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: an embedding image must be a .png file")
-    if set(embedding.vectors) == set(SDXL_KEYS):
-        payload: dict[str, Any] = {key: _float32(embedding.vectors[key]) for key in SDXL_KEYS}
-    else:
-        payload = _a1111_payload(embedding)
+    payload = _a1111_data(embedding)
     info = PngImagePlugin.PngInfo()
     for key, value in image.info.items():
         if isinstance(key, str) and isinstance(value, str) and key != PNG_CHUNK:
@@ -260,6 +291,164 @@ def save_embedding_png(embedding: Embedding, path: Path, image, *, overwrite: bo
     picture = image if image.mode in _PNG_MODES else image.convert("RGBA" if "A" in image.getbands() else "RGB")
     _refuse_existing(path, overwrite)
     return atomic_write(path, lambda temp: picture.save(temp, format="PNG", pnginfo=info))
+
+
+def save_embedding_card(embedding: Embedding, path: Path, picture=None, *, overwrite: bool = True) -> Path:
+    """A PNG card carrying the embedding twice, as A1111's "embedding as image": in the ``sd-ti-embedding``
+    text chunk and in side strips of its pixels (which survive a copy that loses the chunk).
+
+    ``picture`` (PIL, e.g. the preview) is the middle of the card, captioned with the token, vectors, step and
+    base model; without one a plain background is drawn. The strips are decoded again before writing.
+    """
+    from PIL import PngImagePlugin
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: an embedding card must be a .png file")
+    payload = _a1111_data(embedding)
+    first_vector = next(iter(embedding.vectors.values()))[0].tolist()
+    base_model = embedding.metadata.get("base_model") or embedding.metadata.get("sd_checkpoint_name") or ""
+    footer = f"{embedding.num_vectors}v {embedding.step}s" + (f"  {base_model}" if base_model else "")
+    middle = image_data.captioned(picture, f"<{embedding.name}>", footer)
+    for separators in ((", ", ": "), (",", ":")):  # a second spelling of the same JSON, in case one fails
+        text = json.dumps(payload, cls=_TensorJSONEncoder, separators=separators).encode()
+        card = image_data.add_strips(middle, text, image_data.vector_shades(first_vector))
+        if image_data.read_strips(card) == text:
+            break
+    else:  # every pixel of the strips is non-black by construction, so this does not happen
+        raise RuntimeError(f"{path}: the embedding did not survive a round trip through the card's pixels")
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_CHUNK, base64.b64encode(text))
+    _refuse_existing(path, overwrite)
+    return atomic_write(path, lambda temp: card.save(temp, format="PNG", pnginfo=info))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exports: one embedding file, written for another tool into a chosen folder
+
+EXPORT_FORMATS = ("diffusers", "a1111-pt", "image")
+
+
+def preview_picture(path: Path) -> Path | None:
+    """The preview the web UIs show for an embedding file: ``<stem>.preview.png``, else a plain ``<stem>.png``."""
+    path = Path(path)
+    for candidate in (path.with_name(f"{path.stem}.preview.png"), path.with_name(f"{path.stem}.png")):
+        if candidate != path and candidate.is_file() and not _is_embedding_file(candidate):
+            return candidate
+    return None
+
+
+def _export_plan(embedding: Embedding, to: str, out_dir: Path, preview: Path | None) -> dict[Path, Callable]:
+    """Each file an export writes, with the function that writes it (given the path and ``overwrite``)."""
+    name = embedding.name
+    if to == "diffusers":
+        if set(embedding.vectors) == set(SDXL_KEYS):  # one file per text encoder, as diffusers loads them
+            return {
+                embedding_path(out_dir, f"{name}_{key}"): (
+                    lambda path, overwrite, key=key: _write_diffusers(embedding, path, key, name, overwrite)
+                )
+                for key in SDXL_KEYS
+            }
+        return {
+            embedding_path(out_dir, name): lambda path, overwrite: export_diffusers(
+                embedding, path, overwrite=overwrite
+            )
+        }
+    if to == "a1111-pt":
+        return {
+            embedding_path(out_dir, name, ".pt"): lambda path, overwrite: export_a1111_pt(
+                embedding, path, overwrite=overwrite
+            )
+        }
+    if to == "image":
+
+        def write_card(path: Path, overwrite: bool) -> Path:
+            from PIL import Image
+
+            if preview is None:
+                return save_embedding_card(embedding, path, overwrite=overwrite)
+            try:
+                with Image.open(preview) as opened:
+                    picture = opened.convert("RGB")
+            except Exception as error:
+                raise ValueError(f"{preview}: not a readable image ({_first_line(error)})") from error
+            return save_embedding_card(embedding, path, picture, overwrite=overwrite)
+
+        return {embedding_path(out_dir, name, ".png"): write_card}
+    raise ValueError(f"unknown export format {to!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+
+
+def export_embedding(
+    path: Path, to: str, out_dir: Path, *, overwrite: bool = False, preview: Path | None = None
+) -> list[Path]:
+    """Write the embedding file ``path`` for another tool into ``out_dir``; returns the files written.
+
+    ``to`` is one of ``EXPORT_FORMATS``:
+    - ``diffusers``: ``<name>.safetensors`` holding ``{name: [N, d]}``, what diffusers' ``load_textual_inversion``
+      loads in one call; SDXL: ``<name>_clip_l.safetensors`` and ``<name>_clip_g.safetensors``, one call per
+      text encoder (``diffusers_loading_code`` gives the lines);
+    - ``a1111-pt``: ``<name>.pt``, A1111's layout in torch's legacy serialisation;
+    - ``image``: ``<name>.png``, a card carrying the embedding in its text chunk and its pixels, around
+      ``preview`` (default: the file's own preview, see ``preview_picture``).
+
+    Each file is written atomically and only inside ``out_dir``. FileExistsError (one line) for a file that
+    exists (unless ``overwrite``), for the source file itself, or when another file in ``out_dir`` already
+    gives the web UIs an embedding of that name; EmbeddingFileError/ValueError for a bad file or format.
+    """
+    source = Path(path)
+    if to not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {to!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    embedding = load_embedding(source)
+    try:  # an image's stored name becomes a file name here: it has to be a safe one
+        validate_name(embedding.name)
+    except ValueError as error:
+        raise ValueError(f"{source}: cannot export it under its stored name: {error}") from error
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is not a folder")
+    plan = _export_plan(embedding, to, out_dir, preview if preview is not None else preview_picture(source))
+    for target in plan:
+        if _same_file(target, source):
+            raise FileExistsError(f"{target} is the file being exported; choose another output folder")
+        _refuse_existing(target, overwrite)
+        clashes = [
+            other
+            for other in (sorted(out_dir.iterdir()) if out_dir.is_dir() else [])
+            if other.stem.casefold() == target.stem.casefold() and other != target and _is_embedding_file(other)
+        ]
+        if clashes:
+            raise FileExistsError(
+                f"{out_dir} already holds {clashes[0].name}, which the web UIs would load as the same token as "
+                f"{target.name}; export to another folder"
+            )
+    return [write(target, overwrite) for target, write in plan.items()]
+
+
+# diffusers pipelines keep SDXL's second text encoder (OpenCLIP bigG, "clip_g") and its tokenizer here.
+_DIFFUSERS_SECOND_ENCODER = ("text_encoder_2", "tokenizer_2")
+
+
+def diffusers_loading_code(paths: Sequence[Path]) -> str:
+    """The Python lines that load a diffusers export (``export_embedding(..., "diffusers", ...)``'s files) into
+    a diffusers pipeline called ``pipe``: one ``load_textual_inversion`` call per file."""
+    from safetensors import safe_open
+
+    files = []
+    for path in paths:
+        with safe_open(str(path), framework="pt") as handle:
+            (token,) = handle.keys()
+            files.append((Path(path).absolute(), token, (handle.metadata() or {}).get("encoder", "")))
+    two_encoders = any(encoder == "clip_g" for _, _, encoder in files)
+    lines = ["# pipe: the diffusers pipeline of the model the embedding was trained on"]
+    for path, token, encoder in files:
+        arguments = [json.dumps(str(path), ensure_ascii=False), f"token={json.dumps(token, ensure_ascii=False)}"]
+        if two_encoders:  # SDXL: each file goes into its own text encoder and tokenizer
+            text_encoder, tokenizer = (
+                _DIFFUSERS_SECOND_ENCODER if encoder == "clip_g" else ("text_encoder", "tokenizer")
+            )
+            arguments += [f"text_encoder=pipe.{text_encoder}", f"tokenizer=pipe.{tokenizer}"]
+        lines.append(f"pipe.load_textual_inversion({', '.join(arguments)})")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,7 +462,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _fail(path: Path, reason: str) -> EmbeddingFileError:
-    return EmbeddingFileError(f"{path}: {' '.join(reason.split())}")
+    return EmbeddingFileError(path, " ".join(reason.split()))
 
 
 def _keys_text(keys) -> str:
@@ -295,19 +484,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 def _read_pickle(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_pickle(path)
+    except RefusedGlobal as error:
+        raise _fail(
+            path,
+            f"holds pickled code or objects other than tensors ({error.name}); refusing to load it "
+            "(only plain weights are read, for safety)",
+        ) from error
     except Exception as error:  # UnpicklingError, RuntimeError for broken zip archives, EOFError when truncated
-        text = str(error)
-        refused = re.search(r"Unsupported global: (?:GLOBAL )?(\S+)", text)
-        if refused:
-            raise _fail(
-                path,
-                f"holds pickled code or objects other than tensors ({refused.group(1)}); refusing to load it "
-                "(only plain weights are read, for safety)",
-            ) from error
-        detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-        reason = (detail.group(1).strip()[:200] or "unreadable pickle data") if detail else _first_line(error)
-        raise _fail(path, f"corrupt, truncated or not a PyTorch file ({reason})") from error
+        raise _fail(path, f"corrupt, truncated or not a PyTorch file ({_first_line(error)})") from error
 
 
 def _chunk_text(image) -> str | None:
@@ -318,22 +503,45 @@ def _chunk_text(image) -> str | None:
     return text
 
 
-def _read_image(path: Path) -> Any:
+def _embedding_json(text: str | bytes) -> Any:
+    """A1111's image payload: JSON whose tensors are {"TORCHTENSOR": nested list}; ValueError if it is not."""
+    try:
+        data = json.loads(text, object_hook=_decode_tensor)
+    except (ValueError, TypeError, RuntimeError, RecursionError) as error:  # torch.tensor of a ragged list, too
+        raise ValueError(_first_line(error)) from error
+    if not isinstance(data, dict):
+        raise ValueError(f"it holds a {type(data).__name__}, not an embedding")
+    return data
+
+
+def _read_image(path: Path) -> tuple[Any, str]:
+    """The embedding in an image and where it was: its text chunk, else (as the web UIs do) its pixels."""
     from PIL import Image
 
+    chunk_error = None
     try:
         with Image.open(path) as image:
             text = _chunk_text(image)
+            if text is not None:
+                try:
+                    return _embedding_json(base64.b64decode(text)), "text chunk"
+                except (ValueError, binascii.Error) as error:  # a damaged chunk: the pixels may still be whole
+                    chunk_error = error
+            data = image_data.read_strips(image)
     except Exception as error:  # UnidentifiedImageError, truncated files, decompression bombs
         raise _fail(path, f"not a readable image ({_first_line(error)})") from error
-    if text is None:
-        raise _fail(path, f"has no {PNG_CHUNK!r} text chunk (a plain image, not an embedding)")
-    try:
-        return json.loads(base64.b64decode(text), object_hook=_decode_tensor)
-    except Exception as error:
+    if data is None:
+        if chunk_error is not None:
+            raise _fail(path, f"its {PNG_CHUNK!r} chunk is not base64 JSON of an embedding ({chunk_error})")
         raise _fail(
-            path, f"its {PNG_CHUNK!r} chunk is not base64 JSON of an embedding ({_first_line(error)})"
-        ) from error
+            path,
+            f"has no {PNG_CHUNK!r} text chunk and no embedding in its pixels (a plain image, or a copy saved "
+            "lossily, such as a JPEG or lossy WEBP)",
+        )
+    try:
+        return _embedding_json(data), "pixels"
+    except ValueError as error:
+        raise _fail(path, f"the data in its pixels is not JSON of an embedding ({error})") from error
 
 
 def _split_payload(path: Path, data: Any) -> tuple[dict[Any, Any], dict[str, Any]]:
@@ -369,8 +577,12 @@ def _describe_widths(widths: dict[str, int]) -> str:
     return f"this model's text encoders are {listed} wide"
 
 
+def _model_kind(widths: dict[str, int]) -> str | None:
+    return _KIND_BY_WIDTHS.get(tuple(sorted(widths.items())))
+
+
 def _hint(file_kind: str | None, widths: dict[str, int]) -> str:
-    model_kind = _KIND_BY_WIDTHS.get(tuple(sorted(widths.items())))
+    model_kind = _model_kind(widths)
     if file_kind and model_kind:
         return f" (an {file_kind} embedding on an {model_kind} model?)"
     return ""
@@ -379,6 +591,17 @@ def _hint(file_kind: str | None, widths: dict[str, int]) -> str:
 def _key_for_single(path: Path, width: int, widths: dict[str, int] | None) -> str:
     if widths is None:
         return KEY_BY_WIDTH.get(width, "clip_l")
+    if len(widths) > 1:
+        # One tensor on SDXL would condition one text encoder and leave the other on its own: the web UIs
+        # skip such a file (its width is not the 2048 of clip_l + clip_g), so it does not fit.
+        what = _SINGLE_ON_SDXL.get(width, f"a single {width}-wide tensor")
+        kind = "SDXL" if set(widths) == set(SDXL_KEYS) else ""
+        needs = " + ".join(f"{key} [N, {model_width}]" for key, model_width in widths.items())
+        raise _fail(
+            path,
+            f"does not fit this {kind or 'two-encoder'} model: it is {what}, and {kind or 'the model'} needs {needs}; "
+            "the web UIs skip it",
+        )
     for key, model_width in widths.items():
         if model_width == width:
             return key
@@ -401,19 +624,36 @@ def _check_sdxl(path: Path, vectors: dict[str, torch.Tensor], widths: dict[str, 
         raise _fail(path, f"does not fit this SDXL model: {'; '.join(wrong)}")
 
 
-def _select_vectors(path: Path, candidates: dict[Any, Any], widths: dict[str, int] | None) -> dict[str, torch.Tensor]:
+def _without_outputs(candidates: dict[Any, Any]) -> dict[Any, Any]:
     # OneTrainer stores output embeddings next to the input ones ("clip_l_out", "emp_params_out"): not ours.
-    layout = {
+    return {
         key: value
         for key, value in candidates.items()
         if not (isinstance(key, str) and key.endswith("_out") and key[: -len("_out")] in candidates)
     }
+
+
+def _is_t5(key: Any, tensor: torch.Tensor) -> bool:
+    return (isinstance(key, str) and key.lower().startswith("t5")) or (
+        tensor.ndim >= 1 and tensor.shape[-1] == T5_WIDTH
+    )
+
+
+def _select_vectors(path: Path, candidates: dict[Any, Any], widths: dict[str, int] | None) -> dict[str, torch.Tensor]:
+    layout = _without_outputs(candidates)
     not_tensors = [key for key, value in layout.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         verb = "is not a tensor" if len(not_tensors) == 1 else "are not tensors"
         raise _fail(path, f"unknown layout: {_keys_text(not_tensors)} {verb}")
     if not layout:
         raise _fail(path, "holds no tensors")
+    t5 = [f"{key} {list(tensor.shape)}" for key, tensor in layout.items() if _is_t5(key, tensor)]
+    if t5:
+        raise _fail(
+            path,
+            f"is a T5 text-encoder embedding ({', '.join(t5)}), for SD3 or Flux models: it is not for SD1, SD2 or "
+            "SDXL, whose text encoders are CLIP",
+        )
     if all(key in layout for key in SDXL_KEYS):
         if len(layout) != 2:
             raise _fail(path, f"unknown layout: clip_l + clip_g plus other tensors ({_keys_text(layout)})")
@@ -430,6 +670,33 @@ def _select_vectors(path: Path, candidates: dict[Any, Any], widths: dict[str, in
     return {_key_for_single(path, tensor.shape[1], widths): tensor}
 
 
+def _layout_name(suffix: str, data: Any, candidates: dict[Any, Any], header: dict[str, str], source: str) -> str:
+    """The file's layout by the tool that writes it, e.g. "emb_params (kohya/A1111)", "a1111-pt"."""
+    if suffix in IMAGE_SUFFIXES:
+        return f"a1111-image ({source})"
+    keys = set(_without_outputs(candidates))
+    with_outputs = len(keys) < len(candidates)
+    ours = ", ti_core" if header.get("tool", "").startswith("ti_core") else ""
+    pickled = suffix in PICKLE_SUFFIXES
+    if pickled and isinstance(data, torch.Tensor):
+        return "bare tensor (.pt)"
+    if pickled and isinstance(data, dict) and "string_to_param" in data:
+        if isinstance(data["string_to_param"], ParameterDictContents):
+            return "textual-inversion-pt (ParameterDict, original textual_inversion repository)"
+        return "a1111-pt"
+    if set(SDXL_KEYS) <= keys:
+        return "sdxl (clip_l + clip_g)" + (
+            ", kohya .pt" if pickled else ours or (", OneTrainer" if with_outputs else "")
+        )
+    if keys == {"emb_params"}:
+        return "emb_params (kohya .pt)" if pickled else f"emb_params (kohya/A1111){ours}"
+    if keys == {"emp_params"}:
+        return "emp_params (OneTrainer)"
+    if len(keys) == 1:
+        return "diffusers-bin" if pickled else "single tensor (diffusers)"
+    return f"{len(keys)} tensors"
+
+
 def _step(value: Any) -> int:
     try:
         return int(value)
@@ -440,15 +707,7 @@ def _step(value: Any) -> int:
             return 0
 
 
-def load_embedding(path: Path, *, widths: dict[str, int] | None = None) -> Embedding:
-    """Read an embedding file of any supported format; EmbeddingFileError (one line, naming the file) if not.
-
-    ``widths`` is the model's ``{encoder key: width}``: a single-tensor file gets the key whose width matches
-    (an error if none does), and SDXL files must match both. Without it, 768/1024/1280 map to
-    clip_l/clip_h/clip_g and any other width to clip_l. The name is the file stem (the token the web UIs use),
-    except for images, where the name stored in the chunk wins, as in A1111.
-    """
-    path = Path(path)
+def _check_file(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in LOADABLE_SUFFIXES:
         raise _fail(
@@ -462,16 +721,25 @@ def load_embedding(path: Path, *, widths: dict[str, int] | None = None) -> Embed
         raise _fail(path, "is not a file")
     if size == 0:
         raise _fail(path, "is empty (0 bytes)")
+    return suffix
 
-    name = path.stem
+
+def read_embedding(path: Path, *, widths: dict[str, int] | None = None) -> tuple[Embedding, str]:
+    """``load_embedding`` and the file's layout by the tool that writes it (as ``inspect`` shows it)."""
+    path = Path(path)
+    suffix = _check_file(path)
+    name, header, source, data = path.stem, {}, "", None
     if suffix == SAFETENSORS_SUFFIX:
         candidates, header = _read_safetensors(path)
         step = _step(header.get("step", 0))
         metadata = {key: value for key, value in header.items() if key not in ("name", "step", "vectors")}
     else:
-        data = _read_pickle(path) if suffix in PICKLE_SUFFIXES else _read_image(path)
+        if suffix in PICKLE_SUFFIXES:
+            data = _read_pickle(path)
+        else:
+            data, source = _read_image(path)
         candidates, fields = _split_payload(path, data)
-        if suffix in IMAGE_SUFFIXES and isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"]:
+        if suffix in IMAGE_SUFFIXES and isinstance(data.get("name"), str) and data["name"]:
             name = data["name"]
         step = _step(fields.get("step", 0))
         metadata = {
@@ -481,21 +749,34 @@ def load_embedding(path: Path, *, widths: dict[str, int] | None = None) -> Embed
         }
     vectors = _select_vectors(path, candidates, widths)
     try:
-        return Embedding(name=name, vectors=vectors, step=step, metadata=metadata)
+        embedding = Embedding(name=name, vectors=vectors, step=step, metadata=metadata)
     except ValueError as error:
         raise _fail(path, str(error)) from error
+    return embedding, _layout_name(suffix, data, candidates, header, source)
+
+
+def load_embedding(path: Path, *, widths: dict[str, int] | None = None) -> Embedding:
+    """Read an embedding file of any supported format; EmbeddingFileError (one line, naming the file) if not.
+
+    ``widths`` is the model's ``{encoder key: width}``: a single-tensor file gets the key whose width matches
+    (an error if none does, or if the model has two encoders: one tensor is no SDXL embedding), and SDXL files
+    must match both. Without it, 768/1024/1280 map to clip_l/clip_h/clip_g and any other width to clip_l.
+    The name is the file stem (the token the web UIs use), except for images, where the name stored in the
+    image wins, as in A1111. A T5 (SD3/Flux) embedding is refused with a line saying so.
+    """
+    return read_embedding(path, widths=widths)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Listing
 
 
-def _image_has_chunk(path: Path) -> bool:
+def _image_has_embedding(path: Path) -> bool:
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return _chunk_text(image) is not None
+            return _chunk_text(image) is not None or image_data.read_strips(image) is not None
     except Exception:  # not an image, truncated: not an embedding either
         return False
 
@@ -511,7 +792,7 @@ def _is_embedding_file(path: Path) -> bool:
             return False
     except OSError:
         return False
-    return suffix not in IMAGE_SUFFIXES or _image_has_chunk(path)
+    return suffix not in IMAGE_SUFFIXES or _image_has_embedding(path)
 
 
 def _files_under(root: Path) -> Iterator[Path]:

@@ -11,25 +11,10 @@ from .embedding import REAL_WIDTHS, Embedding
 
 
 def file_layout(path: Path) -> str:
-    """A short name for the file's layout, as other tools write it."""
-    suffix = path.suffix.lower()
-    if suffix in (".png", ".webp"):
-        return "a1111-image"
-    if suffix in (".pt", ".bin"):
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        return "a1111-pt" if isinstance(data, dict) and "string_to_param" in data else "diffusers-bin"
-    from safetensors import safe_open
+    """A short name for the file's layout, by the tool that writes it ("emb_params (kohya/A1111)", "a1111-pt")."""
+    from .formats import read_embedding
 
-    with safe_open(str(path), framework="pt") as handle:
-        keys = set(handle.keys())
-        tool = (handle.metadata() or {}).get("tool", "")
-    if {"clip_l", "clip_g"} <= keys:
-        return "sdxl (clip_l + clip_g)" + (", ti_core" if tool.startswith("ti_core") else "")
-    if keys == {"emb_params"}:
-        return "emb_params (kohya/A1111)" + (", ti_core" if tool.startswith("ti_core") else "")
-    if keys == {"emp_params"}:
-        return "emp_params (OneTrainer)"
-    return "single tensor (diffusers)" if len(keys) == 1 else f"{len(keys)} tensors"
+    return read_embedding(path)[1]
 
 
 def architecture_guess(embedding: Embedding) -> str:
@@ -52,7 +37,10 @@ def describe(path: Path, embedding: Embedding) -> dict:
         "widths": embedding.widths,
         "step": embedding.step,
         "norms": {key: [round(float(n), 4) for n in tensor.norm(dim=1)] for key, tensor in embedding.vectors.items()},
-        "metadata": {key: value for key, value in embedding.metadata.items() if key != "training_settings"},
+        # architecture is shown above; training_settings below, parsed
+        "metadata": {
+            key: value for key, value in embedding.metadata.items() if key not in ("architecture", "training_settings")
+        },
         "training_settings": _json_or_none(embedding.metadata.get("training_settings")),
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 from pathlib import Path
 
 MAX_NAME_LENGTH = 100
@@ -72,3 +73,72 @@ def embedding_path(embeddings_dir: Path, name: str, suffix: str = ".safetensors"
     if not resolved.is_relative_to(folder):
         raise ValueError(f"embedding name {name!r} would be saved outside {embeddings_dir}")
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names that work in one UI and silently fail in another. The token is the name everywhere, but each UI reads it
+# its own way: ComfyUI's `embedding:NAME` ends at the first space; A1111, Forge and reForge tokenize the name with
+# the prompt (lowercased, emphasis brackets parsed), while diffusers and SD.Next add it to the tokenizer as a new
+# token, refusing or ignoring one that is already a vocabulary entry.
+
+_EMPHASIS = set("()[]")
+
+
+@lru_cache(maxsize=1)
+def _vocabulary() -> frozenset[str]:
+    from .vocab import find_vocab_file, read_vocab
+
+    try:
+        return frozenset(read_vocab(find_vocab_file())[0])
+    except (OSError, ValueError):  # no vocabulary installed: that check is skipped, the others still run
+        return frozenset()
+
+
+def suggested_name(name: str) -> str:
+    """A name close to ``name`` that works the same in every UI: lowercase, ``_`` for spaces and brackets,
+    and ``_ti`` after a vocabulary word (``My Cat`` -> ``my_cat``, ``cat`` -> ``cat_ti``)."""
+    safe = re.sub(r"[\s()\[\]]+", "_", name.strip()).strip("_").lower() or "embedding"
+    if safe in _vocabulary():
+        safe += "_ti"
+    try:
+        validate_name(safe)
+    except ValueError:  # "con": a Windows device name once lowercased
+        safe += "_ti"
+    return safe
+
+
+def name_warnings(name: str) -> list[str]:
+    """What would make ``name`` silently fail in some UI, one sentence each, naming a safe alternative.
+
+    Empty when the name works the same everywhere. Warnings, not errors: the user decides. The name is
+    taken as typed (surrounding spaces ignored); whether it is a valid file name is validate_name's job.
+    """
+    name = name.strip() if isinstance(name, str) else ""
+    if not name:
+        return []
+    alternative = f"a name such as `{suggested_name(name)}` works in every UI"
+    warnings = []
+    if any(char.isspace() for char in name):
+        first = name.split()[0]
+        warnings.append(
+            f"`{name}` has a space: ComfyUI's `embedding:{name}` looks up only `{first}`, so the embedding is "
+            f"never used there; {alternative}."
+        )
+    if _EMPHASIS & set(name):
+        warnings.append(
+            f"`{name}` has brackets: A1111, Forge, reForge and SD.Next read ( ) and [ ] in a prompt as emphasis "
+            f"(ComfyUI reads ( ) as weights), so the token never matches there; {alternative}."
+        )
+    if name in _vocabulary():
+        warnings.append(
+            f"`{name}` is already a word of the CLIP vocabulary: diffusers' load_textual_inversion refuses to load "
+            "it and SD.Next keeps the ordinary word and ignores the vectors (A1111, Forge and reForge replace the "
+            f"word in every prompt); {alternative}."
+        )
+    if name != name.lower():
+        warnings.append(
+            f"`{name}` has capital letters: A1111, Forge and reForge lowercase it with the prompt, but diffusers "
+            "on transformers 4 (SD.Next, and the A1111-era stacks) matches it only typed with the same capitals, "
+            f"and ComfyUI's `embedding:` lookup is case-sensitive on Linux; {alternative}."
+        )
+    return warnings

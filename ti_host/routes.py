@@ -52,10 +52,15 @@ def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...], defaul
 
 
 def create(backend, body: Any) -> dict[str, Any]:
-    """POST /create {name, init_text="*", vectors=1, overwrite=false} -> {path, name, vectors}."""
+    """POST /create {name, init_text="*", vectors=1, overwrite=false} -> {path, name, vectors, warnings}.
+
+    ``warnings`` lists what would make the name fail silently in some UI (ti_core.names.name_warnings); the
+    embedding is created all the same.
+    """
     from ti_core.create import create_embedding
     from ti_core.embedding import MAX_VECTORS
     from ti_core.formats import save_embedding
+    from ti_core.names import name_warnings
 
     body = _object(body)
     unknown = sorted(set(body) - CREATE_FIELDS)
@@ -74,7 +79,12 @@ def create(backend, body: Any) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     path = save_embedding(embedding, folder, overwrite=overwrite)
     backend.reload_embeddings()
-    return {"path": str(path), "name": embedding.name, "vectors": embedding.num_vectors}
+    return {
+        "path": str(path),
+        "name": embedding.name,
+        "vectors": embedding.num_vectors,
+        "warnings": name_warnings(embedding.name),
+    }
 
 
 def train_config(backend, body: Any):
