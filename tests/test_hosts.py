@@ -417,7 +417,7 @@ def test_create_refuses_to_overwrite_unless_asked(host, backend):
 
     assert routes.handle(routes.create, backend, {"name": "t"})[0] == 200
     status, payload = routes.handle(routes.create, backend, {"name": "t"})
-    assert status == 400 and "already exists" in payload["error"]
+    assert status == 400 and "already exists" in payload["error"] and "--" not in payload["error"]
     assert routes.handle(routes.create, backend, {"name": "t", "overwrite": True})[0] == 200
 
 

@@ -60,7 +60,7 @@ def create(backend, body: Any) -> dict[str, Any]:
     from ti_core.create import create_embedding
     from ti_core.embedding import MAX_VECTORS
     from ti_core.formats import save_embedding
-    from ti_core.names import name_warnings
+    from ti_core.names import embedding_path, name_warnings
 
     body = _object(body)
     unknown = sorted(set(body) - CREATE_FIELDS)
@@ -74,8 +74,11 @@ def create(backend, body: Any) -> dict[str, Any]:
     overwrite = _field(body, "overwrite", bool, False)
     if not 1 <= vectors <= MAX_VECTORS:
         raise BadRequest(f"vectors must be between 1 and {MAX_VECTORS}, not {vectors}")
-    embedding = create_embedding(backend.current_model(), name, init_text, vectors)
     folder = Path(backend.embeddings_dir)
+    target = embedding_path(folder, name)
+    if target.exists() and not overwrite:  # in the route's words, not the command line's
+        raise BadRequest(f"{target.name} already exists in {folder}: set overwrite to replace it")
+    embedding = create_embedding(backend.current_model(), name, init_text, vectors)
     folder.mkdir(parents=True, exist_ok=True)
     path = save_embedding(embedding, folder, overwrite=overwrite)
     backend.reload_embeddings()
