@@ -80,8 +80,7 @@ class _WhenImported(importlib.abc.MetaPathFinder):
         self.pending = pending
 
     def find_spec(self, name, path=None, target=None):
-        after = self.pending.pop(name, None)
-        if after is None:
+        if name not in self.pending:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -89,9 +88,15 @@ class _WhenImported(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(name, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _Loader(spec.loader, after)
+                    spec.loader = _Loader(spec.loader, lambda module: self._imported(name, module))
                 return spec
         return None
+
+    def _imported(self, name: str, module: ModuleType) -> None:
+        # Popped only now: a find_spec() that only asks whether the module exists imports nothing.
+        after = self.pending.pop(name, None)
+        if after is not None:
+            after(module)
 
 
 @contextlib.contextmanager
