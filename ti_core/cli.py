@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 2 usage errors, 1 everything else; errors are one `error: ...` line on
 stderr, with a traceback only under --debug. Names that work in some UIs only get `warning: ...` lines
-on stderr; the command still does what it was asked.
+on stderr; the command still does what it was asked. The libraries' warnings, logs and progress bars
+show only under --verbose.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from .quiet import quiet_libraries
+
+VERBOSE_HELP = "show the libraries' warnings, log lines and progress bars"
 
 
 class UsageError(Exception):
@@ -26,6 +31,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m ti_core", description="Create, inspect and train Textual Inversion embeddings.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     create = commands.add_parser("create", help="create an untrained embedding from an init text")
@@ -59,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    # Every command takes a model, so --verbose is accepted after the command name too.
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     parser.add_argument("--model", required=required, help="diffusers folder, .safetensors/.ckpt file or hub id")
     parser.add_argument("--model-config", help="diffusers-format config folder for a single-file checkpoint")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="override the model's")
@@ -145,8 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
-        return args.run(args)
+        with quiet_libraries(verbose="--verbose" in argv):
+            args = build_parser().parse_args(argv)
+            return args.run(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

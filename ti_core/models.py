@@ -179,8 +179,12 @@ def load_model(
 
     ``config`` overrides the diffusers-format config folder used for single files (the built-in
     SD1/SD2/SDXL skeletons by default); ``prediction_type`` ("epsilon" or "v_prediction") overrides
-    what the checkpoint implies.
+    what the checkpoint implies. ``demo:tiny-sd1`` (ti_core.demo.DEMO_MODEL_ID) is the demo model.
     """
+    from .demo import build_demo_model, is_demo
+
+    if is_demo(source):
+        return build_demo_model()
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ModelLoadError(f"prediction type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     path = Path(source)
