@@ -153,6 +153,21 @@ def test_progress_html_shows_step_speed_and_eta():
     assert "Step 3 / 8" in text and "2.50 steps/s" in text and "ETA 0:02" in text and "loss 0.2500" in text
 
 
+def test_progress_html_says_where_the_time_outside_the_steps_went():
+    text = extension.progress_html(
+        {
+            "running": False,
+            "step": 6,
+            "total": 6,
+            "steps_per_second": 2.0,
+            "elapsed_seconds": 73,
+            "outputs_seconds": 70,
+        }
+    )
+    assert "2.00 steps/s" in text and "took 1:13" in text and "previews and snapshots 1:10" in text
+    assert "previews" not in extension.progress_html({"running": True, "step": 1, "total": 6, "outputs_seconds": 0})
+
+
 def test_cards_escape_names_and_say_whether_they_fit(tiny_models, tmp_path):
     model = tiny_models["sd1"]
     save_embedding(create_embedding(model, "a&b", "cat", 2), tmp_path)

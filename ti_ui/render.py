@@ -73,6 +73,8 @@ def progress_html(snapshot: dict | None) -> str:
         parts.append(f"ETA {format_duration(snapshot.get('eta_seconds'))}")
     else:
         parts.append(f"took {format_duration(snapshot.get('elapsed_seconds'))}")
+    if (snapshot.get("outputs_seconds") or 0) >= 1:  # not in steps/s or the ETA: say where the time went
+        parts.append(f"previews and snapshots {format_duration(snapshot['outputs_seconds'])}")
     if snapshot.get("loss") is not None:
         parts.append(f"loss {snapshot['loss']:.4f}")
     if snapshot.get("validation_loss") is not None:
