@@ -293,6 +293,12 @@ def library_action(backend: Backend):
     return cards_html(cards, backend.model_label()), gr.update(choices=names, value=names[0] if names else None)
 
 
+def page_load_action(backend: Backend):
+    """Every page load: the Train picker, then the Embeddings cards and inspect picker, as the folder is now.
+    Without it a (re)loaded page shows what the folder held when the UI was built, until Refresh."""
+    return (_dropdown_names(backend), *library_action(backend))
+
+
 def inspect_action(backend: Backend, name: str | None) -> str:
     from ti_core.formats import list_embeddings
 

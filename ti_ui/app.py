@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from .actions import library_action
+from .actions import library_action, page_load_action
 from .backend import Backend
 from .compat import GRADIO_MAJOR, _js, _make
 from .tabs.create import _create_tab
@@ -35,8 +35,15 @@ def create_ui(backend: Backend):
         wire_create(train_embedding)
         if backend.inject_assets:
             demo.load(None, None, None, **_js(_client_script()))
-        # Filled when the tab is opened, not on page load: a web UI's page loads often, and a user's embeddings
-        # folder may hold hundreds of files.
+        # The pickers and cards are filled on every page load (a component's value is otherwise the one it had
+        # when the UI was built), and the cards again when their tab is opened, to show files written since.
+        # Each file's card is cached until the file changes, so a big folder is read once, not per load.
+        demo.load(
+            lambda: page_load_action(backend),
+            None,
+            [train_embedding, cards, inspect_name],
+            show_progress="hidden",
+        )
         library_tab.select(lambda: library_action(backend), None, [cards, inspect_name])
     return demo
 
