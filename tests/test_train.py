@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -237,6 +238,49 @@ def test_outputs_of_a_run(tmp_path, images, tiny_models):
     assert [event.step for event in steps] == [1, 2] and all(event.total == 2 for event in steps)
     assert steps[-1].steps_per_second > 0 and steps[-1].eta_seconds == 0
     assert next(event for event in events if event.kind == "preview").image.size == (64, 64)
+
+
+def test_steps_per_second_and_the_eta_count_training_steps_only():
+    """A preview or a snapshot is not a training step: 2 steps/s with a 30 s preview every 2 steps is
+    still 2 steps/s, with 1 s left at step 4 of 6 (counting the previews gave 0.12 steps/s, "ETA 0:24")."""
+    now = [100.0]
+    clock = train_module.Clock(0, 6, now=lambda: now[0])
+    seen = []
+    for step in range(1, 5):
+        now[0] += 0.5  # the step
+        clock.tick(step)
+        seen.append((clock.rate, clock.eta))  # what the step event reports
+        with clock.outside_steps():
+            now[0] += 30.0 if step % 2 == 0 else 0.0  # the preview after steps 2 and 4
+    assert seen == [(2.0, 2.5), (2.0, 2.0), (2.0, 1.5), (2.0, 1.0)]
+    assert (clock.outputs_seconds, clock.elapsed) == (60.0, 62.0)  # the wall clock still has it all
+
+    resumed = train_module.Clock(10, 20, now=lambda: now[0])
+    now[0] += 4.0
+    resumed.tick(12)
+    assert (resumed.rate, resumed.eta) == (0.5, 16.0)  # counts this run's steps, not the resumed ones
+
+
+def test_a_slow_preview_in_a_run_leaves_steps_per_second_and_the_eta_alone(tmp_path, images, tiny_models, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(train_module, "Clock", functools.partial(train_module.Clock, now=lambda: now[0]))
+    real_loss = train_module.batch_loss
+
+    def one_second_step(*args, **kwargs):
+        now[0] += 1.0
+        return real_loss(*args, **kwargs)
+
+    def slow_preview(*args, **kwargs):
+        now[0] += 1000.0
+        return Image.new("RGB", (64, 64))
+
+    monkeypatch.setattr(train_module, "batch_loss", one_second_step)
+    monkeypatch.setattr(train_module, "render_preview", slow_preview)
+    result, events = run(tiny_models["sd1"], make_config(tmp_path, images, steps=6, preview_every=2))
+    assert result.stopped == "done"
+    steps = [event for event in events if event.kind == "step"]
+    assert [(event.steps_per_second, event.eta_seconds) for event in steps] == [(1.0, 6.0 - s) for s in range(1, 7)]
+    assert [event.outputs_seconds for event in steps] == [0, 0, 1000, 1000, 2000, 2000]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ under TI_REQUIRE_UI=1 (CI's UI venvs), where a missing piece fails.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from ui_helpers import (
@@ -151,6 +152,21 @@ def test_progress_html_shows_step_speed_and_eta():
         }
     )
     assert "Step 3 / 8" in text and "2.50 steps/s" in text and "ETA 0:02" in text and "loss 0.2500" in text
+
+
+def test_progress_html_says_where_the_time_outside_the_steps_went():
+    text = extension.progress_html(
+        {
+            "running": False,
+            "step": 6,
+            "total": 6,
+            "steps_per_second": 2.0,
+            "elapsed_seconds": 73,
+            "outputs_seconds": 70,
+        }
+    )
+    assert "2.00 steps/s" in text and "took 1:13" in text and "previews and snapshots 1:10" in text
+    assert "previews" not in extension.progress_html({"running": True, "step": 1, "total": 6, "outputs_seconds": 0})
 
 
 def test_cards_escape_names_and_say_whether_they_fit(tiny_models, tmp_path):
@@ -359,6 +375,33 @@ def test_library_card_click_adds_then_removes_the_token(ui, app):
 
 
 @pytest.mark.ui
+def test_a_reloaded_page_shows_new_embeddings_without_refresh(ui, app, tiny_models):
+    """An embedding written after the page was built (by another tab, the CLI, a copy) is in the Train
+    picker and among the cards once the page is reloaded; nobody presses Refresh."""
+    save_embedding(create_embedding(tiny_models["sd1"], "ui-reloaded", "dog", 2), app["root"] / "embeddings")
+    ui.page.reload()
+    ui.page.wait_for_selector("#ti_root", timeout=30_000)
+    ui.tab("Train")
+    options = _wait_for_option(ui, "ti_train_embedding", "ui-reloaded")
+    assert ui.dropdown_value("ti_train_embedding") in options  # one is picked, ready to train
+    card = ui.page.locator('#ti_embeddings_list .ti-card[data-ti-name="ui-reloaded"]')
+    if ui.page.locator("#ti_embeddings_list").count():  # the hidden tab is built (gradio 3; 6 waits): filled
+        card.wait_for(state="attached", timeout=10_000)
+    ui.tab("Embeddings")
+    card.wait_for(timeout=30_000)
+    assert "2 vectors" in card.inner_text()
+
+
+def _wait_for_option(ui: UiPage, elem_id: str, name: str, timeout: float = 30) -> list[str]:
+    """Wait until the dropdown offers `name` (the page fills it after loading); returns its options."""
+    deadline = time.monotonic() + timeout
+    while name not in (options := ui.dropdown_options(elem_id)):
+        assert time.monotonic() < deadline, f"#{elem_id} offers only {options}"
+        ui.page.wait_for_timeout(300)
+    return options
+
+
+@pytest.mark.ui
 def test_without_a_model_the_page_says_how_to_give_one(browser, tmp_path):
     port = free_port()
     demo = extension.main(
@@ -409,6 +452,7 @@ def test_inside_a_host_page_cards_write_to_the_last_focused_prompt(browser, tiny
     save_embedding(create_embedding(tiny_models["sd1"], "host-card", "dog", 1), tmp_path / "emb")
     backend = extension.Backend(tmp_path / "emb", tmp_path / "log")
     tab = extension.create_ui(backend)  # built before the page, as A1111 calls on_ui_tabs callbacks
+    save_embedding(create_embedding(tiny_models["sd1"], "host-later", "cat", 1), tmp_path / "emb")  # after the build
     with gr.Blocks() as host_page:
         gr.Textbox(label="Prompt", elem_id="txt2img_prompt")
         gr.Textbox(label="Negative prompt", elem_id="txt2img_neg_prompt")
@@ -434,9 +478,11 @@ def test_inside_a_host_page_cards_write_to_the_last_focused_prompt(browser, tiny
         card.click()
         ui.wait_value("txt2img_neg_prompt", r"^blurry$")
         assert ui.value("txt2img_prompt") == "host-card"
+        # The page load fills the Train picker inside the host's page too, with what the folder holds now.
+        ui.tab("Train")
+        _wait_for_option(ui, "ti_train_embedding", "host-later")
         # The progress poller runs inside the host's page too: it shows how the last run ended.
         _failed_run(tmp_path)
-        ui.tab("Train")
         ui.wait_text("ti_train_status", r"Training failed: no model in this test")
         assert not ui.errors
         context.close()

@@ -170,6 +170,15 @@ class UiPage:
     def dropdown_value(self, elem_id: str) -> str:
         return self.page.locator(f"#{elem_id} input").first.input_value()
 
+    def dropdown_options(self, elem_id: str) -> list[str]:
+        """The choices a person sees on opening the dropdown (it is closed again after)."""
+        self.page.locator(f"#{elem_id} input").first.click()
+        options = self.page.locator(f"#{elem_id} li")
+        options.first.wait_for(timeout=10_000)
+        texts = [text.replace("✓", "").strip() for text in options.all_inner_texts()]
+        self.page.keyboard.press("Escape")
+        return texts
+
     def screenshot(self, name: str, full_page: bool = True) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / f"{name}.png"

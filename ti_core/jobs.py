@@ -48,6 +48,7 @@ class TrainingJob:
             "lr": None,
             "steps_per_second": None,
             "eta_seconds": None,
+            "outputs_seconds": None,  # spent on snapshots, validation and previews, not in steps/s or the ETA
             "epoch": None,
             "message": "Starting…",
             "losses": [],
@@ -147,7 +148,7 @@ class TrainingJob:
         """The trainer's callback: fold the event into the snapshot, then tell the observer."""
         kind = getattr(event, "kind", "")
         changes: dict[str, Any] = {}
-        for field in ("step", "total", "lr", "steps_per_second", "eta_seconds", "epoch"):
+        for field in ("step", "total", "lr", "steps_per_second", "eta_seconds", "outputs_seconds", "epoch"):
             value = getattr(event, field, None)
             if value is not None:
                 changes[field] = _plain(value)

@@ -69,6 +69,7 @@ class TrainEvent:
     path: Path | None = None
     image: Any = None  # PIL.Image for "preview"
     message: str = ""
+    outputs_seconds: float | None = None  # "step": time spent on snapshots, validation and previews so far
 
 
 @dataclass
@@ -186,8 +187,12 @@ def train(
                 good, good_step = _detached(vectors), step
                 clock.tick(step)
                 run.log_loss(step, epoch, loss, lr, clock.elapsed)
-                emit(TrainEvent("step", step, config.steps, loss, lr, clock.rate, clock.eta, epoch))
-                outputs.periodic(vectors, step)
+                rate, eta, outputs_seconds = clock.rate, clock.eta, clock.outputs_seconds
+                emit(
+                    TrainEvent("step", step, config.steps, loss, lr, rate, eta, epoch, outputs_seconds=outputs_seconds)
+                )
+                with clock.outside_steps():
+                    outputs.periodic(vectors, step)
         except Exception as exception:  # whatever it was, the last good vectors are saved and it is reported
             stopped, error = "error", exception
             message = _error_message(exception, step + 1)
@@ -752,26 +757,47 @@ def _start_message(config: TrainConfig, images: int, processes: int, start: int,
 
 
 class Clock:
-    """Steps per second over this run so far, and the time left at that pace."""
+    """Training steps per second over this run so far, and the time left at that pace.
 
-    def __init__(self, start: int, total: int) -> None:
+    Snapshots, validation and previews run inside `outside_steps()`: they are not training steps, so their
+    time is kept apart (a slow preview neither lowers steps/s nor inflates the ETA) and reported on its own.
+    `now` is the time source (injectable, so tests need no real waiting).
+    """
+
+    def __init__(self, start: int, total: int, now: Callable[[], float] = time.perf_counter) -> None:
         self.start, self.step, self.total = start, start, total
-        self.began = time.perf_counter()
+        self.now = now
+        self.began = now()
+        self.outputs_seconds = 0.0  # spent in outside_steps()
 
     def tick(self, step: int) -> None:
         self.step = step
 
+    @contextlib.contextmanager
+    def outside_steps(self) -> Iterator[None]:
+        began = self.now()
+        try:
+            yield
+        finally:
+            self.outputs_seconds += self.now() - began
+
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.began
+        """Wall seconds since the run began, outputs included (the loss log's clock)."""
+        return self.now() - self.began
+
+    @property
+    def training_seconds(self) -> float:
+        return self.elapsed - self.outputs_seconds
 
     @property
     def rate(self) -> float | None:
-        done, elapsed = self.step - self.start, self.elapsed
-        return done / elapsed if done and elapsed > 0 else None
+        done, seconds = self.step - self.start, self.training_seconds
+        return done / seconds if done and seconds > 0 else None
 
     @property
     def eta(self) -> float | None:
+        """Seconds until the last step at this rate (the remaining previews and snapshots not counted)."""
         rate = self.rate
         return (self.total - self.step) / rate if rate else None
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from extension import Backend
 from ti_core.jobs import TrainingJob, current_job
+from ti_ui.backend import Backend
 
 from . import settings
 from .context import Watcher, host_job, host_model_freed, queue_slot

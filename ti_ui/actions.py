@@ -1,0 +1,428 @@
+"""What the buttons, pickers and the progress poller do: each action takes the components' values and
+returns theirs (HTML from `render`, `gr.update(...)` for changes). Errors become one status line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ti_core.jobs import TrainingJob, current_job
+
+from .backend import Backend
+from .plot import loss_plot
+from .render import (
+    PROMPT_TOKENS,
+    _error,
+    _status,
+    card_info,
+    cards_html,
+    embedding_names,
+    init_text_info,
+    inspect_html,
+    progress_html,
+)
+
+
+def _tokenizer(backend: Backend):
+    model = backend.loaded_model()
+    if model is not None:
+        return model.tokenizer
+    from ti_core.vocab import clip_tokenizer  # every SD model uses CLIP's vocabulary; only padding differs
+
+    return clip_tokenizer()
+
+
+def _init_info(backend: Backend, text: str, vectors: float) -> str:
+    try:
+        return _status(init_text_info(_tokenizer(backend), text or "", int(vectors)))
+    except (ValueError, OSError) as error:  # no CLIP vocabulary installed: say so instead of failing
+        return _error(error)
+
+
+def _dropdown_names(backend: Backend, selected: str | None = None):
+    names = embedding_names(backend.embeddings_dir)
+    value = selected if selected in names else (names[0] if names else None)
+    return gr.update(choices=names, value=value)
+
+
+def create_action(backend: Backend, name: str, init_text: str, vectors: float, overwrite: bool):
+    """Create button: write the embedding file, tell the host, select it in the Train tab."""
+    from ti_core.create import create_embedding
+    from ti_core.formats import refuse_name_clash, save_embedding
+    from ti_core.names import embedding_path
+
+    vectors = int(vectors)
+    try:
+        target = embedding_path(backend.embeddings_dir, name)
+        if target.exists() and not overwrite:
+            raise ValueError(f"{target.name} already exists in {target.parent}; tick Overwrite to replace it")
+        refuse_name_clash(Path(backend.embeddings_dir), name, target)
+        embedding = create_embedding(backend.current_model(), name, init_text, vectors)
+        path = save_embedding(embedding, backend.embeddings_dir, overwrite=overwrite)
+    except (ValueError, OSError) as error:
+        return _error(error), gr.update()
+    backend.reload_embeddings()
+    text = f"Created {embedding.name} ({vectors} vectors, {PROMPT_TOKENS - vectors} prompt tokens left): {path}"
+    return _status(text, "ok"), _dropdown_names(backend, embedding.name)
+
+
+# Train tab field -> TrainConfig key ("data.x" for DataConfig). The handler receives the components' values
+# in this order, so adding a setting is one line here plus its component.
+TRAIN_FIELDS = (
+    "data.images",
+    "data.recursive",
+    "data.template",
+    "learning_rate",
+    "batch_size",
+    "gradient_accumulation",
+    "steps",
+    "data.resolution",
+    "data.buckets",
+    "data.flip",
+    "data.shuffle_tags",
+    "data.tag_dropout",
+    "data.latent_sampling",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "save_every",
+    "preview_every",
+    "preview_prompt",
+    "preview_seed",
+    "preview_steps",
+    "warmup_steps",
+    "grad_clip",
+    "grad_clip_value",
+    "seed",
+)
+
+
+def train_settings(values: Sequence[Any], *, name: str, backend: Backend, resume: bool) -> dict[str, Any]:
+    """The TrainConfig dict for the Train tab's values (the same dict the CLI and settings.json use)."""
+    settings: dict[str, Any] = {
+        "name": name or "",
+        "embeddings_dir": str(backend.embeddings_dir),
+        "log_dir": str(backend.log_dir),
+        "resume": resume,
+        "data": {},
+    }
+    for key, value in zip(TRAIN_FIELDS, values, strict=True):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # gradio 3 sliders and numbers give 8.0 for 8
+        if isinstance(value, str) and key != "preview_prompt":
+            value = value.strip()
+        if key.startswith("data."):
+            settings["data"][key[5:]] = value
+        else:
+            settings[key] = value
+    return settings
+
+
+def start_training(backend: Backend, resume: bool, name: str | None, *values: Any) -> str:
+    """Train/Resume buttons: validate the settings into a TrainConfig and start the background job."""
+    from ti_core.config import TrainConfig
+
+    if not name:
+        return _status("Pick an embedding to train (create one in the Create tab first).", "error")
+    try:
+        trained_to = _trained_step(backend, name)
+        if trained_to and not resume:
+            raise ValueError(
+                f"{name} is already trained to step {trained_to}: press Resume to continue it (with more steps), "
+                "or create a new embedding to start again"
+            )
+        # An untrained embedding (step 0, as Create wrote it) is "resumed" from its initial vectors: train()
+        # only re-creates an embedding from the init text when told to overwrite it.
+        config = TrainConfig.from_dict(train_settings(values, name=name, backend=backend, resume=True))
+        TrainingJob.start(backend.current_model, config, _host_observer(backend), context=backend.training_context)
+    except (ValueError, RuntimeError) as error:
+        return _error(error)
+    verb = "Resuming" if resume else "Training"
+    return _status(f"{verb} {config.name} to step {config.steps}…")
+
+
+def _host_observer(backend: Backend) -> Callable[[Any], None]:
+    """On every training event: mirror the progress into the host, and honour the host's Interrupt button."""
+
+    def on_event(_event) -> None:
+        job = current_job()  # the job this event belongs to: one runs at a time
+        if job is None:
+            return
+        backend.report(job.snapshot())
+        if backend.interrupt_requested():
+            job.cancel()
+
+    return on_event
+
+
+def _trained_step(backend: Backend, name: str) -> int:
+    """The step an existing embedding file was trained to (0 for a new one); ValueError if it is missing."""
+    from ti_core.formats import load_embedding
+    from ti_core.names import embedding_path
+
+    path = embedding_path(backend.embeddings_dir, name)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: create the embedding in the Create tab first (or press Refresh)")
+    return load_embedding(path).step
+
+
+def interrupt_training() -> str:
+    job = current_job()
+    if job is None or not job.running:
+        return _status("No training run is in progress.")
+    job.cancel()
+    return _status("Interrupting: the run stops after this step and saves the embedding.")
+
+
+def poll_training(seen: dict | None):
+    """The timer's tick: redraw the progress widgets only for what changed since this page last saw."""
+    seen = dict(seen or {})
+    job = current_job()
+    snapshot = job.snapshot() if job is not None else None
+    version = snapshot["version"] if snapshot else 0
+    if version == seen.get("version"):
+        return (gr.update(),) * 8 + (seen,)
+    seen["version"] = version
+    if snapshot is None:
+        return (
+            progress_html(None),
+            gr.update(),
+            gr.update(),
+            gr.update(),
+            gr.update(),
+            gr.update(interactive=True),
+            gr.update(interactive=True),
+            gr.update(interactive=False),
+            seen,
+        )
+    plot = gr.update()
+    if len(snapshot["losses"]) != seen.get("losses") or not snapshot["running"]:
+        seen["losses"] = len(snapshot["losses"])
+        plot = loss_plot(snapshot["losses"])
+    gallery = gr.update()
+    if len(snapshot["previews"]) != seen.get("previews"):
+        seen["previews"] = len(snapshot["previews"])
+        gallery = _preview_items(snapshot["previews"])
+    running = snapshot["running"]
+    status = gr.update()
+    if not running:
+        kind = "ok" if snapshot.get("stopped") == "done" else ("error" if snapshot.get("error") else "info")
+        status = _status(snapshot.get("message") or "", kind)
+    return (
+        progress_html(snapshot),
+        plot,
+        gallery,
+        status,
+        snapshot.get("final_path") or "",
+        gr.update(interactive=not running),
+        gr.update(interactive=not running),
+        gr.update(interactive=running),
+        seen,
+    )
+
+
+def _preview_items(paths: Sequence[str]) -> list:
+    """Preview images as (image, caption) pairs, newest first. PIL images, because gradio 4+ refuses to
+    serve files from folders it was not told about, and a host's log folder may be anywhere."""
+    from PIL import Image
+
+    items = []
+    for path in reversed(paths[-24:]):
+        try:
+            with Image.open(path) as image:
+                items.append((image.convert("RGB"), Path(path).stem))
+        except OSError:
+            continue
+    return items
+
+
+def scan_action(folder: str, recursive: bool, resolution: float, buckets: bool):
+    """The dataset preview: thumbnails with captions, and the count of skipped files with reasons."""
+    from PIL import Image
+
+    from ti_core.data import DataConfig, scan_images
+
+    hidden = gr.update(value=[], visible=False)
+    if not (folder or "").strip():
+        return _status("Enter the folder of training images."), hidden
+    try:
+        result = scan_images(
+            DataConfig(
+                images=Path(folder.strip()),
+                recursive=bool(recursive),
+                resolution=int(resolution),
+                buckets=bool(buckets),
+            )
+        )
+    except (ValueError, OSError) as error:
+        return _error(error), hidden
+    thumbs = []
+    for item in result.items[:32]:
+        try:
+            with Image.open(item.path) as image:
+                image = image.convert("RGB")
+                image.thumbnail((160, 160))
+                thumbs.append((image, item.caption[:120]))
+        except OSError:
+            continue
+    lines = [f"{len(result.items)} image{'s' if len(result.items) != 1 else ''} in {folder.strip()}"]
+    if len(result.items) > len(thumbs):
+        lines[0] += f" (showing {len(thumbs)})"
+    if result.skipped:
+        lines.append(
+            f"{len(result.skipped)} skipped: " + "; ".join(f"{p.name}: {why}" for p, why in result.skipped[:10])
+        )
+        if len(result.skipped) > 10:
+            lines[-1] += f"; and {len(result.skipped) - 10} more"
+    kind = "warning" if result.skipped else "ok"
+    return "".join(_status(line, kind) for line in lines), gr.update(value=thumbs, visible=True)
+
+
+def library_action(backend: Backend):
+    """Refresh of the Embeddings tab: cards and the inspect picker."""
+    from ti_core.formats import list_embeddings
+
+    model = backend.loaded_model()
+    widths = model.widths if model is not None else None
+    cards = [card_info(path, widths) for path in list_embeddings(backend.embeddings_dir)]
+    names = sorted({card.name for card in cards if not card.error}, key=str.lower)
+    return cards_html(cards, backend.model_label()), gr.update(choices=names, value=names[0] if names else None)
+
+
+def page_load_action(backend: Backend):
+    """Every page load: the Train picker, then the Embeddings cards and inspect picker, as the folder is now.
+    Without it a (re)loaded page shows what the folder held when the UI was built, until Refresh."""
+    return (_dropdown_names(backend), *library_action(backend))
+
+
+def inspect_action(backend: Backend, name: str | None) -> str:
+    from ti_core.formats import list_embeddings
+
+    if not name:
+        return _status("Pick an embedding to inspect.")
+    paths = [path for path in list_embeddings(backend.embeddings_dir) if path.stem == name]
+    if not paths:
+        return _status(f"No embedding named {name} in {backend.embeddings_dir}; press Refresh.", "error")
+    try:
+        return inspect_html(paths[0], backend.loaded_model())
+    except ValueError as error:
+        return _error(error)
+
+
+# ------------------------------------------------------------------------------------------------- try it
+
+_fitting_cache: dict[str, tuple[tuple, Any]] = {}
+
+
+def fitting_embeddings(embeddings_dir: Path, model) -> list:
+    """Every embedding in the folder that fits the model (others are skipped, as the web UIs skip them).
+    Files are read again only when they change."""
+    from ti_core.formats import list_embeddings
+
+    embeddings = {}
+    for path in list_embeddings(embeddings_dir):
+        embedding = _fitting(path, model.widths)
+        if embedding is not None:
+            embeddings[embedding.name] = embedding  # a later file with the same token wins, as in A1111
+    return list(embeddings.values())
+
+
+def _fitting(path: Path, widths: dict[str, int]):
+    from ti_core.formats import load_embedding
+
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    key = (stat.st_mtime_ns, stat.st_size, tuple(sorted(widths.items())))
+    cached = _fitting_cache.get(str(path))
+    if cached is None or cached[0] != key:
+        try:
+            embedding = load_embedding(path, widths=widths)
+            embedding = embedding if embedding.widths == widths else None
+        except ValueError:
+            embedding = None
+        cached = _fitting_cache[str(path)] = (key, embedding)
+    return cached[1]
+
+
+def render_image(
+    model,
+    prompt: str,
+    negative: str,
+    embeddings: Sequence,
+    *,
+    seed: int,
+    steps: int,
+    width: int,
+    height: int,
+    guidance: float,
+):
+    """One image from the model's own pipeline, conditioned by our prompt encoder (tokens never added to
+    the tokenizer, so the files on disk stay the only source of embeddings)."""
+    import torch
+
+    from ti_core.prompt import encode_prompts
+
+    pipeline = model.pipeline()
+    if torch.cuda.is_available():
+        pipeline.to("cuda")
+    pipeline.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        condition = encode_prompts(model, [prompt, negative], embeddings)  # one batch: same window count
+        extra = {}
+        if condition.pooled is not None:
+            extra = {
+                "pooled_prompt_embeds": condition.pooled[:1],
+                "negative_pooled_prompt_embeds": condition.pooled[1:],
+            }
+        result = pipeline(
+            prompt_embeds=condition.hidden_states[:1],
+            negative_prompt_embeds=condition.hidden_states[1:],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pil",
+            **extra,
+        )
+    return result.images[0]
+
+
+def try_action(
+    backend: Backend,
+    prompt: str,
+    negative: str,
+    seed: float,
+    steps: float,
+    width: float,
+    height: float,
+    guidance: float,
+):
+    job = current_job()
+    if job is not None and job.running:
+        return None, _status("Training is running on this model; generate after it finishes.", "error")
+    try:
+        model = backend.current_model()
+        embeddings = fitting_embeddings(backend.embeddings_dir, model)
+        image = render_image(
+            model,
+            prompt or "",
+            negative or "",
+            embeddings,
+            seed=int(seed),
+            steps=int(steps),
+            width=int(width),
+            height=int(height),
+            guidance=float(guidance),
+        )
+    except (ValueError, RuntimeError, OSError) as error:
+        return None, _error(error)
+    used = [e.name for e in embeddings if re.search(rf"(?<![\w-]){re.escape(e.name)}(?![\w-])", prompt or "", re.I)]
+    note = f" with {', '.join(used)}" if used else ""
+    return image, _status(f"{model.name}: seed {int(seed)}, {int(steps)} steps{note}", "ok")

@@ -1,0 +1,164 @@
+"""What the UI needs from its host (`Backend`), and the standalone app's own (`StandaloneBackend`).
+
+No gradio here: the web-UI glue (ti_host) subclasses `Backend` without building any UI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+NO_MODEL_HELP = (
+    "No model is loaded. Start the app with `--model` (a diffusers folder, a .safetensors/.ckpt file or a "
+    "hub id) or `--models-dir` (a folder of checkpoints to pick from)."
+)
+
+
+class Backend:
+    """What the UI needs from its host. The standalone app and the web-UI scripts subclass it.
+
+    Subclasses may turn the plain attributes into properties (a host reads its folders from its settings).
+    """
+
+    embeddings_dir: Path = Path("embeddings")
+    log_dir: Path = Path("textual_inversion")
+    templates_dir: Path | None = None
+    has_try_it: bool = False  # the Try-it panel (the hosts have txt2img instead)
+    has_model_picker: bool = False  # a model dropdown above the tabs (the hosts have their own)
+    inject_assets: bool = False  # add ti.js and style.css to the page (the hosts load them themselves)
+    mixed_precision: str = "no"  # the Train tab's default: "no", "fp16" or "bf16"
+
+    def __init__(
+        self, embeddings_dir: Path | None = None, log_dir: Path | None = None, templates_dir: Path | None = None
+    ) -> None:
+        if embeddings_dir is not None:
+            self.embeddings_dir = Path(embeddings_dir)
+        if log_dir is not None:
+            self.log_dir = Path(log_dir)
+        if templates_dir is not None:
+            self.templates_dir = Path(templates_dir)
+
+    def current_model(self):
+        """The model to create and train with (a `TIModel`); ValueError saying how to get one if none."""
+        raise ValueError(NO_MODEL_HELP)
+
+    def loaded_model(self):
+        """The model if it is at hand without a slow load, else None (for token counts and card badges)."""
+        try:
+            return self.current_model()
+        except ValueError:
+            return None
+
+    def model_label(self) -> str:
+        model = self.loaded_model()
+        return model.name if model is not None else "no model"
+
+    def default_resolution(self) -> int:
+        """The Train tab's starting resolution: the model's native one when it is at hand."""
+        model = self.loaded_model()
+        return int(model.resolution) if model is not None else 512
+
+    def reload_embeddings(self) -> None:
+        """Called after an embedding file was written, so the host's prompt parser sees it."""
+
+    def training_context(self) -> AbstractContextManager:
+        """Wraps a whole training run (a host frees its own model from the GPU and restores it after)."""
+        return contextlib.nullcontext()
+
+    def report(self, snapshot: dict) -> None:
+        """Called on every training event with `TrainingJob.snapshot()` (a host mirrors it in its progress)."""
+
+    def interrupt_requested(self) -> bool:
+        """True when the host's own Interrupt button was pressed."""
+        return False
+
+
+class StandaloneBackend(Backend):
+    """The standalone app: a model from --model or picked from --models-dir, loaded on first use."""
+
+    has_try_it = True
+    has_model_picker = True
+    inject_assets = True
+
+    def __init__(
+        self,
+        *,
+        model: str | None = None,
+        models_dir: Path | None = None,
+        embeddings_dir: Path = Path("embeddings"),
+        log_dir: Path = Path("textual_inversion"),
+        templates_dir: Path | None = None,
+    ) -> None:
+        super().__init__(embeddings_dir, log_dir, templates_dir)
+        self.models_dir = Path(models_dir) if models_dir else None
+        self._lock = threading.Lock()
+        self._model = None
+        self._sources: dict[str, str] = {}
+        choices = self.model_choices()
+        self.selected: str | None = model if model else (choices[0] if choices else None)
+        if model:
+            self._sources.setdefault(model, model)
+
+    def model_choices(self) -> list[str]:
+        """The --model source (if any), then the checkpoints in --models-dir, as dropdown labels."""
+        sources: dict[str, str] = {}
+        for label, source in self._sources.items():
+            if source == label:  # the --model argument
+                sources[label] = source
+        for path in find_checkpoints(self.models_dir) if self.models_dir else []:
+            sources[str(path.relative_to(self.models_dir))] = str(path)
+        self._sources = sources
+        return list(sources)
+
+    def select_model(self, label: str | None) -> str:
+        """Pick a model; it is loaded when first needed. Returns the status line."""
+        if label and label != self.selected:
+            with self._lock:
+                self.selected = label
+                self._model = None
+        return self.status_text()
+
+    def status_text(self) -> str:
+        if self.selected is None:
+            return NO_MODEL_HELP
+        return f"Model: {self.selected} (loaded when first used; load errors show where you used it)"
+
+    def current_model(self):
+        if self.selected is None:
+            raise ValueError(NO_MODEL_HELP)
+        with self._lock:  # one load at a time; a second caller waits and gets the same model
+            if self._model is None:
+                from ti_core.models import load_model
+
+                self._model = load_model(self._sources.get(self.selected, self.selected))
+            return self._model
+
+    def loaded_model(self):
+        return self._model
+
+    def model_label(self) -> str:
+        return self.selected or "no model"
+
+
+def find_checkpoints(folder: Path) -> list[Path]:
+    """Single-file checkpoints (*.safetensors, *.ckpt) and diffusers folders under `folder`, like a host's
+    models folder. A diffusers folder's own weight files are not listed separately."""
+    if not folder or not folder.is_dir():
+        return []
+    found: list[Path] = []
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        if (current / "model_index.json").is_file():
+            found.append(current)
+            continue
+        for entry in sorted(current.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                pending.append(entry)
+            elif entry.suffix.lower() in (".safetensors", ".ckpt"):
+                found.append(entry)
+    return sorted(found)

@@ -1,0 +1,63 @@
+"""The Embeddings tab: the cards, inspect, and the standalone app's Try-it panel."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..actions import inspect_action, library_action, try_action
+from ..backend import Backend
+from ..compat import _make, _refresh_button
+from ..render import _status, cards_html
+
+
+def _try_panel(backend: Backend) -> None:
+    with _make(gr.Group, elem_id="ti_try"), gr.Row():
+        with _make(gr.Column, scale=3):
+            prompt = _make(
+                gr.Textbox,
+                label="Try it: prompt (click a card below to add its token)",
+                lines=2,
+                elem_id="ti_try_prompt",
+            )
+            negative = _make(gr.Textbox, label="Negative prompt", lines=1, elem_id="ti_try_negative")
+            with gr.Row():
+                seed = _make(gr.Number, value=0, precision=0, label="Seed", elem_id="ti_try_seed")
+                steps = _make(
+                    gr.Slider, minimum=1, maximum=100, step=1, value=20, label="Steps", elem_id="ti_try_steps"
+                )
+                guidance = _make(
+                    gr.Slider, minimum=0, maximum=20, step=0.5, value=7, label="CFG scale", elem_id="ti_try_guidance"
+                )
+            with gr.Row():
+                width = _make(
+                    gr.Slider, minimum=64, maximum=2048, step=8, value=512, label="Width", elem_id="ti_try_width"
+                )
+                height = _make(
+                    gr.Slider, minimum=64, maximum=2048, step=8, value=512, label="Height", elem_id="ti_try_height"
+                )
+            button = _make(gr.Button, value="Generate", variant="primary", elem_id="ti_try_button")
+            status = _make(gr.HTML, value="", elem_id="ti_try_status")
+        with _make(gr.Column, scale=2):
+            image = _make(gr.Image, label="Result", type="pil", interactive=False, elem_id="ti_try_image")
+    button.click(
+        lambda *args: try_action(backend, *args),
+        [prompt, negative, seed, steps, width, height, guidance],
+        [image, status],
+    )
+
+
+def _embeddings_tab(backend: Backend):
+    if backend.has_try_it:
+        _try_panel(backend)
+    with gr.Row():
+        refresh = _refresh_button("ti_embeddings_refresh")
+        _make(gr.HTML, value=_status(f"Folder: {backend.embeddings_dir}"), elem_id="ti_embeddings_folder")
+    cards = _make(gr.HTML, value=cards_html([], ""), elem_id="ti_embeddings_list")
+    with _make(gr.Accordion, label="Inspect", open=False, elem_id="ti_inspect"):
+        with gr.Row():
+            name = _make(gr.Dropdown, choices=[], label="Embedding", elem_id="ti_inspect_name", scale=4)
+            button = _make(gr.Button, value="Inspect", elem_id="ti_inspect_button", scale=0, min_width=100)
+        output = _make(gr.HTML, value="", elem_id="ti_inspect_output")
+    refresh.click(lambda: library_action(backend), None, [cards, name])
+    button.click(lambda chosen: inspect_action(backend, chosen), name, output)
+    return cards, name
