@@ -3,8 +3,8 @@
 The UI itself is the `ti_ui` package (one module per tab, the backend, rendering, the actions); this module
 keeps the names the web-UI glue and users import from it.
 
-Standalone: ``python extension.py --model PATH_OR_HUB_ID`` (or ``--models-dir FOLDER``), then open
-http://127.0.0.1:7860.
+Standalone: ``python extension.py`` (``--model PATH_OR_HUB_ID``, ``--models-dir FOLDER``, ``--verbose``),
+then open http://127.0.0.1:7860; without ``--model`` it lists the models it finds, and a demo model.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:  # `python extension.py` from elsewhere, or a host that dropped the ext dir
     sys.path.insert(0, str(ROOT))
+
+if __name__ == "__main__" and "--verbose" not in sys.argv[1:]:
+    # Before gradio, torch and diffusers are imported: their import-time warnings are library output too.
+    from ti_core.quiet import quiet_libraries
+
+    _quiet = quiet_libraries()
+    _quiet.__enter__()  # for the process's lifetime (the app owns it)
 
 from ti_core.jobs import TrainingJob, current_job  # noqa: E402
 from ti_ui.actions import (  # noqa: E402
@@ -99,7 +106,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Textual Inversion: create, train and try embeddings in a local web app.",
     )
     parser.add_argument("--model", help="a diffusers folder, a .safetensors/.ckpt checkpoint or a hub id")
-    parser.add_argument("--models-dir", type=Path, help="a folder of checkpoints to pick from")
+    parser.add_argument(
+        "--models-dir", type=Path, help="a folder of checkpoints to pick from (besides the ones found by itself)"
+    )
     parser.add_argument("--embeddings-dir", type=Path, default=Path("embeddings"), help="default: ./embeddings")
     parser.add_argument(
         "--log-dir",
@@ -112,6 +121,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--listen", action="store_true", help="serve on all interfaces (0.0.0.0), not only this machine"
     )
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings, logs and progress bars")
     return parser.parse_args(argv)
 
 

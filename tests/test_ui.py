@@ -26,7 +26,9 @@ gr = require_module("gradio")
 import extension  # noqa: E402  (needs gradio)
 from ti_core.config import TrainConfig  # noqa: E402
 from ti_core.create import create_embedding  # noqa: E402
+from ti_core.demo import DEMO_LABEL, DEMO_MODEL_ID  # noqa: E402
 from ti_core.formats import load_embedding, save_embedding  # noqa: E402
+from ti_ui import actions as extension_actions  # noqa: E402
 
 REQUIRED_IDS = {
     "ti_create_name",
@@ -180,26 +182,59 @@ def test_cards_escape_names_and_say_whether_they_fit(tiny_models, tmp_path):
     assert fits == {"a&b": True, "wide": False}
 
 
-def test_find_checkpoints_lists_files_and_diffusers_folders(tmp_path):
+def test_find_checkpoints_lists_files_and_diffusers_folders(tmp_path, tiny_model_dirs):
+    import shutil
+
     (tmp_path / "one.safetensors").write_bytes(b"x")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "two.ckpt").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("no")
-    (tmp_path / "pipe" / "unet").mkdir(parents=True)
-    (tmp_path / "pipe" / "model_index.json").write_text("{}")
-    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    shutil.copytree(tiny_model_dirs["sd1"], tmp_path / "pipe")
     found = [path.relative_to(tmp_path).as_posix() for path in extension.find_checkpoints(tmp_path)]
     assert found == ["one.safetensors", "pipe", "sub/two.ckpt"]
-    backend = extension.StandaloneBackend(models_dir=tmp_path, embeddings_dir=tmp_path / "e", log_dir=tmp_path / "l")
-    assert backend.model_choices() == ["one.safetensors", "pipe", "sub/two.ckpt"]
+    backend = extension.StandaloneBackend(models_dir=tmp_path, **_nowhere_else(tmp_path))
+    choices = backend.model_choices()
+    assert [backend._sources[label] for label in choices] == [
+        str(tmp_path / "one.safetensors"),
+        str(tmp_path / "pipe"),
+        str(tmp_path / "sub" / "two.ckpt"),
+        DEMO_MODEL_ID,
+    ]
+    assert choices[-1] == DEMO_LABEL and backend.selected == choices[0]  # a real model before the demo
 
 
-def test_without_a_model_the_message_names_the_options(tmp_path):
-    backend = extension.StandaloneBackend(embeddings_dir=tmp_path / "emb", log_dir=tmp_path / "log")
-    with pytest.raises(ValueError, match="--model.*--models-dir"):
-        backend.current_model()
-    status, _ = extension.create_action(backend, "cat", "cat", 1, False)
-    assert "--model" in status and not (tmp_path / "emb").exists()
+def _nowhere_else(tmp_path) -> dict:
+    """Backend arguments that keep model discovery inside tmp_path (no web UI folders, no hub cache)."""
+    return {
+        "embeddings_dir": tmp_path / "e",
+        "log_dir": tmp_path / "l",
+        "search_from": tmp_path / "cwd",
+        "home": tmp_path / "home",
+        "hf_cache": tmp_path / "hf",
+    }
+
+
+def test_with_no_model_found_the_demo_model_is_picked_and_labelled(tmp_path):
+    backend = extension.StandaloneBackend(**_nowhere_else(tmp_path))
+    assert backend.model_choices() == [DEMO_LABEL] and backend.selected == DEMO_LABEL
+    assert "pictures are noise" in backend.status_text()
+    status, _ = extension.create_action(backend, "demo_cat", "cat", 1, False)
+    assert "Created demo_cat" in status and (tmp_path / "e" / "demo_cat.safetensors").is_file()
+
+
+def test_a_typed_model_path_is_accepted_and_a_bad_one_is_one_line(tiny_model_dirs, tmp_path):
+    backend = extension.StandaloneBackend(**_nowhere_else(tmp_path))
+    backend.select_model(str(tiny_model_dirs["sd1"]))
+    assert backend.current_model().architecture == "sd1"
+    backend.select_model(str(tmp_path / "missing.safetensors"))
+    status, _ = extension.create_action(backend, "nothing", "cat", 1, False)
+    assert "missing.safetensors" in status and "\n" not in status
+
+
+def test_the_name_warning_shows_while_typing_and_after_create(tmp_path):
+    assert extension_actions.name_warning_action("my_cat") == ""
+    warning = extension_actions.name_warning_action("my cat")
+    assert "warning:" in warning and "my_cat" in warning and "ComfyUI" in warning
 
 
 def test_try_it_renders_with_a_clicked_embedding(tiny_model_dirs, tmp_path):
@@ -402,24 +437,69 @@ def _wait_for_option(ui: UiPage, elem_id: str, name: str, timeout: float = 30) -
 
 
 @pytest.mark.ui
-def test_without_a_model_the_page_says_how_to_give_one(browser, tmp_path):
+def test_the_demo_model_flow_create_train_preview_card_into_try_it(browser, tmp_path, monkeypatch):
+    """A newcomer with no checkpoint anywhere: the demo model is picked; Create, Train 10 steps with a
+    preview, then the card's click puts the token into the Try-it prompt."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     port = free_port()
-    demo = extension.main(
-        ["--embeddings-dir", str(tmp_path / "e"), "--log-dir", str(tmp_path / "l"), "--port", str(port)], block=False
-    )
+    demo = extension.main(["--port", str(port)], block=False)  # no --model, no folders: the defaults
     try:
-        context = browser.new_context()
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
         page = context.new_page()
         loopback_only(page)
         ui = UiPage(page, f"http://127.0.0.1:{port}/").open()
-        message = ui.wait_text("ti_model_status", r"No model")
-        assert "--model" in message and "--models-dir" in message
-        ui.fill("ti_create_name", "nothing")
+        assert ui.dropdown_value("ti_model") == DEMO_LABEL
+        ui.wait_text("ti_model_status", r"pictures are noise")
+        ui.tab("Create")
+        ui.fill("ti_create_name", "My Cat")
+        ui.wait_text("ti_create_name_warning", r"warning: .*my_cat")  # live, while typing
+        ui.fill("ti_create_name", "zzdemo")
+        ui.fill("ti_create_init_text", "cat")
         ui.click("ti_create_button")
-        ui.wait_text("ti_create_status", r"No model is loaded")
+        ui.wait_text("ti_create_status", r"Created zzdemo", timeout=90)
+        assert ui.text("ti_create_name_warning").strip() == ""
+        ui.tab("Train")
+        ui.fill("ti_train_dataset", make_dataset(tmp_path / "data"))
+        ui.fill("ti_train_steps", 10)
+        ui.fill("ti_train_resolution", 64)
+        ui.fill("ti_train_save_every", 0)
+        ui.fill("ti_train_preview_every", 5)
+        ui.fill("ti_train_preview_steps", 2)
+        ui.click("ti_train_button")
+        ui.wait_text("ti_train_status", r"Trained zzdemo to step 10", timeout=180)
+        page.wait_for_function("() => document.querySelectorAll('#ti_train_previews img').length >= 2")
+        assert load_embedding(tmp_path / "embeddings" / "zzdemo.safetensors").step == 10
+        ui.tab("Embeddings")
+        ui.click("ti_embeddings_refresh")
+        card = page.locator('#ti_embeddings_list .ti-card[data-ti-name="zzdemo"]')
+        card.wait_for(timeout=30_000)
+        ui.fill("ti_try_prompt", "a painting of")
+        card.click()
+        ui.wait_value("ti_try_prompt", r"^a painting of zzdemo$")
+        ui.screenshot("demo-model")
+        assert not ui.errors, f"errors in the page: {ui.errors}"
         context.close()
     finally:
         stop_app(demo)
+
+
+@pytest.mark.ui
+def test_export_button_writes_the_file_and_shows_the_diffusers_lines(ui, app, tiny_models):
+    save_embedding(create_embedding(tiny_models["sd1"], "ui-export", "dog", 2), app["root"] / "embeddings")
+    ui.tab("Embeddings")
+    ui.click("ti_embeddings_refresh")
+    ui.page.locator("#ti_inspect").get_by_text("Inspect and export").first.click()
+    _wait_for_option(ui, "ti_inspect_name", "ui-export")
+    ui.page.locator("#ti_inspect_name input").first.fill("ui-export")
+    ui.page.keyboard.press("Enter")
+    ui.fill("ti_export_dir", str(app["root"] / "exports"))
+    ui.click("ti_export_button")
+    status = ui.wait_text("ti_export_status", r"Exported ui-export as diffusers")
+    assert "load_textual_inversion" in status
+    exported = app["root"] / "exports" / "ui-export.safetensors"
+    assert exported.is_file() and load_embedding(exported).num_vectors == 2
 
 
 def test_inspect_shows_norms_and_the_nearest_tokens(tiny_models, tmp_path):

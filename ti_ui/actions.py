@@ -68,7 +68,43 @@ def create_action(backend: Backend, name: str, init_text: str, vectors: float, o
         return _error(error), gr.update()
     backend.reload_embeddings()
     text = f"Created {embedding.name} ({vectors} vectors, {PROMPT_TOKENS - vectors} prompt tokens left): {path}"
-    return _status(text, "ok"), _dropdown_names(backend, embedding.name)
+    return _status(text, "ok") + name_warning_action(name), _dropdown_names(backend, embedding.name)
+
+
+def name_warning_action(name: str) -> str:
+    """As the name is typed: what would make it fail silently in some UI (the user may keep it)."""
+    from ti_core.names import name_warnings
+
+    return "".join(_status(f"warning: {warning}", "warning") for warning in name_warnings((name or "").strip()))
+
+
+def export_action(backend: Backend, name: str | None, to: str, folder: str, overwrite: bool) -> str:
+    """Export button: the picked embedding written for another tool into the chosen folder."""
+    import html
+
+    from ti_core.formats import diffusers_loading_code, export_embedding, list_embeddings
+
+    if not name:
+        return _status("Pick an embedding to export (press Refresh if the list is empty).")
+    paths = [path for path in list_embeddings(backend.embeddings_dir) if path.stem == name]
+    if not paths:
+        return _status(f"No embedding named {name} in {backend.embeddings_dir}; press Refresh.", "error")
+    out_dir = Path(folder.strip()) if folder and folder.strip() else default_export_dir(backend)
+    try:
+        written = export_embedding(paths[0], to, out_dir, overwrite=bool(overwrite))
+    except (ValueError, OSError) as error:
+        return _error(error)
+    text = _status(f"Exported {name} as {to}: {', '.join(str(path) for path in written)}", "ok")
+    if to == "diffusers":
+        code = diffusers_loading_code(written)
+        text += f'<pre class="ti-export-code">{html.escape(code)}</pre>'
+    return text
+
+
+def default_export_dir(backend: Backend) -> Path:
+    """Under the log folder, not the embeddings folder: a web UI would load an export there as a second
+    embedding with the same token."""
+    return Path(backend.log_dir) / "exports"
 
 
 # Train tab field -> TrainConfig key ("data.x" for DataConfig). The handler receives the components' values

@@ -11,8 +11,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 NO_MODEL_HELP = (
-    "No model is loaded. Start the app with `--model` (a diffusers folder, a .safetensors/.ckpt file or a "
-    "hub id) or `--models-dir` (a folder of checkpoints to pick from)."
+    "No model is selected: pick one in the Model list above, or type the path of a .safetensors/.ckpt file, "
+    "a diffusers folder or a hub id there."
 )
 
 
@@ -76,7 +76,8 @@ class Backend:
 
 
 class StandaloneBackend(Backend):
-    """The standalone app: a model from --model or picked from --models-dir, loaded on first use."""
+    """The standalone app: the --model source, or a model found where people keep them, or the demo model;
+    loaded on first use."""
 
     has_try_it = True
     has_model_picker = True
@@ -90,30 +91,52 @@ class StandaloneBackend(Backend):
         embeddings_dir: Path = Path("embeddings"),
         log_dir: Path = Path("textual_inversion"),
         templates_dir: Path | None = None,
+        search_from: Path | None = None,
+        home: Path | None = None,
+        hf_cache: Path | None = None,
     ) -> None:
+        from ti_core.discovery import default_entry, default_hf_cache
+
         super().__init__(embeddings_dir, log_dir, templates_dir)
         self.models_dir = Path(models_dir) if models_dir else None
+        self._search = (
+            Path(search_from) if search_from else Path.cwd(),
+            Path(home) if home else Path.home(),
+            Path(hf_cache) if hf_cache else default_hf_cache(),
+        )
         self._lock = threading.Lock()
         self._model = None
+        self._given: dict[str, str] = {}  # --model and typed sources: label -> source
         self._sources: dict[str, str] = {}
-        choices = self.model_choices()
-        self.selected: str | None = model if model else (choices[0] if choices else None)
         if model:
-            self._sources.setdefault(model, model)
+            self._given[model] = model
+        found = self._find()
+        self.selected: str | None = model if model else default_entry(found).label
+        self.model_choices()
+
+    def _find(self):
+        from ti_core.discovery import find_models
+
+        start, home, hf_cache = self._search
+        return find_models(start, home, [self.models_dir] if self.models_dir else [], hf_cache)
 
     def model_choices(self) -> list[str]:
-        """The --model source (if any), then the checkpoints in --models-dir, as dropdown labels."""
-        sources: dict[str, str] = {}
-        for label, source in self._sources.items():
-            if source == label:  # the --model argument
-                sources[label] = source
-        for path in find_checkpoints(self.models_dir) if self.models_dir else []:
-            sources[str(path.relative_to(self.models_dir))] = str(path)
+        """The --model source and typed ones, the models found (--models-dir, web UI and ComfyUI folders, the
+        Hugging Face cache), and last the demo model, as dropdown labels."""
+        from ti_core.discovery import picker_entries
+
+        sources = dict(self._given)
+        for entry in picker_entries(self._find()):
+            sources.setdefault(entry.label, entry.source)
         self._sources = sources
         return list(sources)
 
     def select_model(self, label: str | None) -> str:
-        """Pick a model; it is loaded when first needed. Returns the status line."""
+        """Pick a model by its label, or a typed path or hub id; it is loaded when first needed."""
+        label = (label or "").strip()
+        if label and label not in self._sources:
+            self._given[label] = label  # typed: a file, a folder or a hub id, checked when it is loaded
+            self._sources[label] = label
         if label and label != self.selected:
             with self._lock:
                 self.selected = label
@@ -121,8 +144,12 @@ class StandaloneBackend(Backend):
         return self.status_text()
 
     def status_text(self) -> str:
+        from ti_core.demo import DEMO_LABEL, is_demo
+
         if self.selected is None:
             return NO_MODEL_HELP
+        if is_demo(self._sources.get(self.selected, self.selected)):
+            return f"Model: {DEMO_LABEL}. Pick or type a real checkpoint above to train for real."
         return f"Model: {self.selected} (loaded when first used; load errors show where you used it)"
 
     def current_model(self):
@@ -137,6 +164,13 @@ class StandaloneBackend(Backend):
 
     def loaded_model(self):
         return self._model
+
+    def default_resolution(self) -> int:
+        from ti_core.demo import is_demo
+
+        if self._model is None and is_demo(self._sources.get(self.selected or "", self.selected)):
+            return 64  # the demo model's own size, known without building it
+        return super().default_resolution() if self._model is not None else 512
 
     def model_label(self) -> str:
         return self.selected or "no model"

@@ -9,7 +9,7 @@ import gradio as gr
 
 from ti_core.embedding import MAX_VECTORS
 
-from ..actions import _init_info, create_action
+from ..actions import _init_info, create_action, name_warning_action
 from ..backend import Backend
 from ..compat import _make
 from ..render import _status, budget_text
@@ -30,6 +30,7 @@ def _create_tab(backend: Backend) -> Callable[[Any], None]:
     with gr.Row():
         with gr.Column():
             name = _make(gr.Textbox, label="Name (the token you type in prompts)", elem_id="ti_create_name")
+            name_warning = _make(gr.HTML, value="", elem_id="ti_create_name_warning")
             init_text = _make(gr.Textbox, label="Initialization text", value="*", elem_id="ti_create_init_text")
             init_info = _make(gr.HTML, value=_init_info(backend, "*", 1), elem_id="ti_create_init_info")
             vectors = _make(
@@ -56,6 +57,7 @@ def _create_tab(backend: Backend) -> Callable[[Any], None]:
     def info(text: str, count: float) -> str:
         return _init_info(backend, text, count)
 
+    name.change(name_warning_action, name, name_warning, show_progress="hidden")
     init_text.change(info, [init_text, vectors], init_info, show_progress="hidden")
     vectors.change(info, [init_text, vectors], init_info, show_progress="hidden")
     vectors.change(lambda count: _status(budget_text(count)), vectors, budget, show_progress="hidden")

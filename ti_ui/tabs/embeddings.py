@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..actions import inspect_action, library_action, try_action
+from ti_core.formats import EXPORT_FORMATS
+
+from ..actions import default_export_dir, export_action, inspect_action, library_action, try_action
 from ..backend import Backend
 from ..compat import _make, _refresh_button
 from ..render import _status, cards_html
@@ -53,11 +55,38 @@ def _embeddings_tab(backend: Backend):
         refresh = _refresh_button("ti_embeddings_refresh")
         _make(gr.HTML, value=_status(f"Folder: {backend.embeddings_dir}"), elem_id="ti_embeddings_folder")
     cards = _make(gr.HTML, value=cards_html([], ""), elem_id="ti_embeddings_list")
-    with _make(gr.Accordion, label="Inspect", open=False, elem_id="ti_inspect"):
+    with _make(gr.Accordion, label="Inspect and export", open=False, elem_id="ti_inspect"):
         with gr.Row():
             name = _make(gr.Dropdown, choices=[], label="Embedding", elem_id="ti_inspect_name", scale=4)
             button = _make(gr.Button, value="Inspect", elem_id="ti_inspect_button", scale=0, min_width=100)
         output = _make(gr.HTML, value="", elem_id="ti_inspect_output")
+        with gr.Row():
+            export_format = _make(
+                gr.Dropdown,
+                choices=list(EXPORT_FORMATS),
+                value="diffusers",
+                label="Export for",
+                info="diffusers: load_textual_inversion; a1111-pt: older web UIs; image: a PNG card",
+                elem_id="ti_export_format",
+                scale=1,
+            )
+            export_dir = _make(
+                gr.Textbox,
+                label="Export folder",
+                value=str(default_export_dir(backend)),
+                elem_id="ti_export_dir",
+                scale=3,
+            )
+            export_overwrite = _make(
+                gr.Checkbox, label="Overwrite", value=False, elem_id="ti_export_overwrite", scale=0
+            )
+            export = _make(gr.Button, value="Export", elem_id="ti_export_button", scale=0, min_width=100)
+        export_status = _make(gr.HTML, value="", elem_id="ti_export_status")
+    export.click(
+        lambda *args: export_action(backend, *args),
+        [name, export_format, export_dir, export_overwrite],
+        export_status,
+    )
     refresh.click(lambda: library_action(backend), None, [cards, name])
     button.click(lambda chosen: inspect_action(backend, chosen), name, output)
     return cards, name

@@ -16,10 +16,10 @@ def _model_row(backend: StandaloneBackend) -> None:
             gr.Dropdown,
             choices=choices,
             value=backend.selected,
-            label="Model",
+            label="Model (pick one found on this machine, or type a checkpoint path, a diffusers folder or a hub id)",
             elem_id="ti_model",
             scale=4,
-            interactive=bool(choices),
+            allow_custom_value=True,
         )
         refresh = _refresh_button("ti_model_refresh")
     status = _make(
@@ -31,7 +31,7 @@ def _model_row(backend: StandaloneBackend) -> None:
     def refreshed(current):
         options = backend.model_choices()
         value = current if current in options else backend.selected if backend.selected in options else None
-        return gr.update(choices=options, value=value, interactive=bool(options))
+        return gr.update(choices=options, value=value)
 
     picker.change(lambda label: _status(backend.select_model(label)), picker, status)
     refresh.click(refreshed, picker, picker)
