@@ -95,6 +95,10 @@ class Backend:
     def reload_embeddings(self) -> None:
         """Called after an embedding file was written, so the host's prompt parser sees it."""
 
+    def problem(self) -> str | None:
+        """One line saying what stops the trainer from working here (shown above the tabs), or None."""
+        return None
+
     def training_context(self) -> AbstractContextManager:
         """Wraps a whole training run (a host frees its own model from the GPU and restores it after)."""
         return contextlib.nullcontext()
@@ -1318,6 +1322,9 @@ def create_ui(backend: Backend):
     """The whole tab as a gr.Blocks: Create, Train, Embeddings (with Try it in the standalone app)."""
     with gr.Blocks(**_blocks_kwargs(backend)) as demo:
         with _make(gr.Column, elem_id="ti_root", elem_classes=["ti-root"]):
+            problem = backend.problem()
+            if problem:
+                _make(gr.HTML, value=_status(problem, "error"), elem_id="ti_problem")
             if backend.has_model_picker:
                 _model_row(backend)
             with gr.Tabs(elem_id="ti_tabs"):

@@ -248,6 +248,45 @@ def test_a_failing_database_does_not_stop_the_others(monkeypatch, tmp_path, tiny
     ]
 
 
+def test_a_diffusers_that_does_not_import_is_one_line_not_an_error_500(host, backend, monkeypatch):
+    """As in A1111 1.10 with diffusers 0.37 (transformers 4.30): Create says why, and how to fix it."""
+    from ti_host import dependencies, routes
+
+    broken = types.ModuleType("diffusers")  # imports, but has none of the pipelines
+    monkeypatch.setitem(sys.modules, "diffusers", broken)
+    monkeypatch.setattr(dependencies, "_import_result", [])
+    status, payload = routes.handle(routes.create, backend, {"name": "t"})
+    assert status == 400, payload
+    assert payload["error"].startswith("The Textual Inversion trainer cannot import diffusers")
+    assert "cannot import name 'StableDiffusionPipeline'" in payload["error"] and "--skip-install" in payload["error"]
+    assert backend.problem() == payload["error"]  # and the tab shows it from now on
+
+
+def test_a_known_misfit_is_named_without_importing(host, backend, monkeypatch):
+    from ti_host import dependencies
+
+    monkeypatch.setattr(dependencies, "_import_result", [])
+    versions = {"diffusers": "0.37.1", "transformers": "4.30.2"}
+    monkeypatch.setattr(dependencies, "_version", versions.get)
+    problem = backend.problem()
+    assert "diffusers 0.37.1 needs transformers 4.48 or newer, and this Python has transformers 4.30.2" in problem
+    assert 'install "diffusers>=0.28,<0.32"' in problem
+    versions.pop("diffusers")
+    assert "needs diffusers, which is not installed" in backend.problem()
+    versions["diffusers"] = "0.31.0"
+    assert backend.problem() is None
+
+
+@pytest.mark.skipif(not HAS_GRADIO, reason="needs gradio (the UI test environments have it)")
+def test_the_tab_shows_the_problem_above_its_tabs(host, backend, ui_modules, monkeypatch):
+    import extension
+
+    monkeypatch.setattr(type(backend), "problem", lambda self: "The Textual Inversion trainer needs diffusers")
+    blocks = extension.create_ui(backend)
+    banners = [block for block in blocks.blocks.values() if getattr(block, "elem_id", None) == "ti_problem"]
+    assert len(banners) == 1 and "needs diffusers" in banners[0].value and "ti-status-error" in banners[0].value
+
+
 # ---- the training context ----------------------------------------------------------------------------
 
 FREED = {"a1111": "cpu", "reforge": "cpu", "forge": "cpu", "sdnext": None}  # SD.Next unloads the model entirely

@@ -13,7 +13,7 @@ from typing import Any
 from extension import Backend
 from ti_core.jobs import TrainingJob, current_job
 
-from . import settings
+from . import dependencies, settings
 from .context import Watcher, host_job, host_model_freed, queue_slot
 from .host import Host, default_mixed_precision
 
@@ -79,8 +79,15 @@ class HostBackend(Backend):
         stat = path.stat()
         return path, (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
+    def problem(self) -> str | None:
+        """What stops the trainer from working in this web UI, in one line with the fix (shown in the tab)."""
+        return dependencies.known_problem()
+
     def current_model(self):
         """The web UI's current checkpoint as a TIModel (on its device while training, else on the CPU)."""
+        problem = dependencies.import_problem()
+        if problem:
+            raise ValueError(problem)  # the tab and the API show it as one line, as for any bad input
         from ti_core.models import load_model
 
         path, key = self._checkpoint_key()
