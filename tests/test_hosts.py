@@ -106,6 +106,31 @@ def test_detects_each_host_with_no_model_loaded(monkeypatch, tmp_path, kind):
     assert Host().checkpoint_path() is None
 
 
+def test_nothing_the_tab_asks_loads_the_host_model(monkeypatch, tmp_path, tiny_model_dirs, ui_modules):
+    """While A1111 starts, a checkpoint is selected but not loaded, and `shared.sd_model` would load it."""
+    host = fake_hosts.install(monkeypatch, "a1111", tiny_model_dirs["sd1"], tmp_path, loaded=False)
+    from ti_host.backend import HostBackend
+    from ti_host.host import Host
+
+    backend = HostBackend()
+    assert Host().kind() == "a1111" and Host().checkpoint_path() == tiny_model_dirs["sd1"]
+    assert backend.model_label().startswith("sd1 [0123456789]") and backend.loaded_model() is None
+    backend.problem()
+    backend.reload_embeddings()
+    assert "load_model" not in host.record.names()
+    assert host.shared.sd_model is not None and "load_model" in host.record.names()  # the fake does load
+
+
+def test_a1111s_templates_folder_is_offered(host, kind):
+    from ti_host.host import Host
+
+    folder = Host().templates_dir()
+    if kind in ("a1111", "reforge"):
+        assert folder is not None and (folder / "subject_filewords.txt").is_file()
+    else:
+        assert folder is None
+
+
 def test_embeddings_folder_follows_the_host(host, kind, tmp_path):
     from ti_host.host import Host
 
@@ -294,7 +319,7 @@ FREED = {"a1111": "cpu", "reforge": "cpu", "forge": "cpu", "sdnext": None}  # SD
 
 def _host_model_state(host):
     lock = host.modules["modules.call_queue"].queue_lock
-    return {"device": getattr(host.model, "device", None), "job": host.shared.state.job, "locked": lock.locked()}
+    return {"device": getattr(host.model, "device", None), "job": host.shared.state.job, "locked": lock.held()}
 
 
 def _assert_restored(host, kind):
@@ -310,7 +335,7 @@ def _assert_restored(host, kind):
     else:  # the memory manager brings the model back on the next generation by itself
         assert "unload_all_models" in names
     assert host.shared.state.job == ""
-    assert not host.modules["modules.call_queue"].queue_lock.locked()
+    assert not host.modules["modules.call_queue"].queue_lock.held()
     # After the run (which writes the embedding) the host's embeddings are reloaded, after its model is back.
     assert names.index("reload") > names.index("state.begin")
 
