@@ -194,7 +194,9 @@ def _install_diffusers(version):
     with open(os.path.join(info, "METADATA"), "w") as handle:
         handle.write("Metadata-Version: 2.1\\nName: diffusers\\nVersion: " + version + "\\n")
 
-def run_pip(command, desc=None):
+def run_pip(command, desc=None, live=False):
+    # A1111's: prints "Installing <desc>", runs pip with the output captured, raises RuntimeError on failure.
+    print("Installing " + desc, flush=True)
     words = shlex.split(command)
     constraints = words[words.index("--constraint") + 1] if "--constraint" in words else None
     pins = open(constraints).read().split() if constraints else []
