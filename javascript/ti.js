@@ -1,5 +1,6 @@
 // Textual Inversion tab: clicking an embedding card adds its token to the last-focused prompt, and a
-// second click removes it, as the web UIs' own extra-network cards do.
+// second click removes it, as the web UIs' own extra-network cards do; and when the tab has written an
+// embedding file, the web UI's own Textual Inversion card lists are refreshed, so the new one shows there.
 //
 // The web UIs inject this file into every page, so it must never disturb them: one IIFE, no globals but a
 // load guard, and listeners on the document (delegation), so cards re-rendered by a Refresh keep working
@@ -136,9 +137,46 @@
         }
     }
 
+    // After the tab writes an embedding file (Create, or the end of a run), the web UI's own extra-networks
+    // card lists are stale: A1111 builds their HTML once and rebuilds it only from its Refresh button,
+    // which clicks a hidden button per list ("txt2img_textual_inversion_extra_refresh_internal", and
+    // img2img's). Click those, as that Refresh does. A file was written when the Create status turns "ok",
+    // or when the Train tab's result box gets a path (it is empty while a run goes).
+    var lastWritten = null;
+
+    function writtenNow() {
+        var root = appRoot();
+        var created = root.querySelector("#ti_create_status .ti-status-ok");
+        var result = root.querySelector("#ti_train_result textarea, #ti_train_result input");
+        return {created: created ? created.textContent : "", trained: result ? result.value : ""};
+    }
+
+    function refreshHostCards() {
+        var buttons = appRoot().querySelectorAll('[id$="_textual_inversion_extra_refresh_internal"]');
+        for (var i = 0; i < buttons.length; i++) {
+            buttons[i].dispatchEvent(new Event("click"));
+        }
+    }
+
+    function checkWritten() {
+        var now = writtenNow();
+        var before = lastWritten;
+        lastWritten = now;
+        if (before === null) {
+            return; // what the page was built with
+        }
+        if ((now.created && now.created !== before.created) || (now.trained && now.trained !== before.trained)) {
+            refreshHostCards();
+        }
+    }
+
     function start() {
         document.addEventListener("focusin", onFocus, true);
         document.addEventListener("click", onClick, false);
+        if (typeof onAfterUiUpdate === "function") {
+            checkWritten();
+            onAfterUiUpdate(checkWritten); // the web UI's hook: after its page changed (debounced)
+        }
     }
 
     if (typeof onUiLoaded === "function") {

@@ -7,6 +7,16 @@ no-op `send_model_to_cpu`. Calls are recorded so tests can assert what the exten
 
 `install(monkeypatch, kind, checkpoint, tmp_path)` puts a fake in `sys.modules`; monkeypatch takes it out
 again after the test.
+
+Checked against the real AUTOMATIC1111 1.10.1 (tests/real_hosts runs the extension in it), and corrected
+where the fake said otherwise: its queue lock is a FIFO lock whose acquire takes only `blocking` (no
+timeout, no `locked()`); `shared.sd_model` loads the checkpoint when none is loaded (read
+`sd_models.model_data.sd_model` to look without loading); `state.begin` resets the job's fields (textinfo,
+interrupted, job_count -1, sampling_step, current_image); `devices.cpu` is a torch.device; the default
+`--textual-inversion-templates-dir` exists and holds the built-in templates; the extra-networks page module
+is loaded but has no database of its own. What no fake models, the real-host tests check: install.py's
+output is captured (stdout printed after the run, stderr dropped on exit 0), and the extra-networks card
+HTML is built once and rebuilt only by its Refresh button.
 """
 
 from __future__ import annotations
@@ -62,6 +72,30 @@ class ForgeEngineDatabase:
         self.record("reload", (self.name, {}))
 
 
+class FIFOLock:
+    """`modules.fifo_lock.FIFOLock`, A1111's `call_queue.queue_lock`: `acquire(blocking=True)` only (a timeout
+    is a TypeError there), no `locked()`. Waiters get the lock in arrival order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def acquire(self, blocking=True):
+        return self._lock.acquire(blocking)
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def held(self) -> bool:
+        """For tests only: whether someone holds it (the real lock cannot say)."""
+        return self._lock.locked()
+
+
 class State:
     """`modules.shared_state.State` with A1111's `begin(job=...)` (SD.Next's variant below)."""
 
@@ -77,8 +111,14 @@ class State:
         self.current_image = None
 
     def begin(self, job: str = "(unknown)"):
+        # A1111 resets the job's fields here: what a previous job left in them does not survive.
         self.record("state.begin", job)
+        self.sampling_step = 0
+        self.job_count = -1
+        self.job_no = 0
+        self.current_image = None
         self.interrupted = False
+        self.textinfo = None
         self.job = job
 
     def end(self):
@@ -146,6 +186,35 @@ class FakeModel:
     lowvram: bool = False
 
 
+class ModelData:
+    """`sd_models.model_data`: `sd_model` is what is loaded (None: nothing); `get_sd_model()` loads the
+    checkpoint when nothing is loaded yet, which is what A1111's `shared.sd_model` calls."""
+
+    def __init__(self, record: Recorder, model: Any, loads: Any = None) -> None:
+        self.record, self.sd_model, self._loads = record, model, loads
+        self.loaded_sd_models = [model] if model is not None else []
+
+    def get_sd_model(self):
+        if self.sd_model is None and self._loads is not None:
+            self.record("load_model", None)  # slow and gigabytes in the real web UI
+            self.sd_model = self._loads
+        return self.sd_model
+
+
+class A1111Shared(types.ModuleType):
+    """A1111's `modules.shared`, whose `sd_model` is a property that loads the model on first access."""
+
+    model_data: ModelData
+
+    @property
+    def sd_model(self):
+        return self.model_data.get_sd_model()
+
+    @sd_model.setter
+    def sd_model(self, value):
+        self.model_data.sd_model = value
+
+
 @dataclass
 class FakeHost:
     kind: str
@@ -196,8 +265,9 @@ def _script_callbacks(callbacks: dict[str, list], sdnext: bool) -> types.ModuleT
                    on_app_started=on_app_started)  # fmt: skip
 
 
-def build(kind: str, checkpoint: Path | str | None, root: Path) -> FakeHost:
-    """The fake `modules.*` (and Forge's `backend.*`, reForge's `ldm_patched.*`) of one web UI."""
+def build(kind: str, checkpoint: Path | str | None, root: Path, *, loaded: bool = True) -> FakeHost:
+    """The fake `modules.*` (and Forge's `backend.*`, reForge's `ldm_patched.*`) of one web UI; with
+    `loaded=False` the checkpoint is selected but not loaded yet (as while the web UI starts)."""
     if kind not in KINDS:
         raise ValueError(kind)
     record = Recorder()
@@ -210,6 +280,12 @@ def build(kind: str, checkpoint: Path | str | None, root: Path) -> FakeHost:
 
     cmd_opts = types.SimpleNamespace(embeddings_dir=str(embeddings), data_dir=str(root), api_auth=None,
                                      textual_inversion_templates_dir=None, lowvram=False, medvram=False)  # fmt: skip
+    if kind in ("a1111", "reforge"):  # the default --textual-inversion-templates-dir, with its built-in files
+        templates = root / "textual_inversion_templates"
+        templates.mkdir(exist_ok=True)
+        for name in ("hypernetwork", "none", "style", "style_filewords", "subject", "subject_filewords"):
+            (templates / f"{name}.txt").write_text("a picture of [name]\n", encoding="utf-8")
+        cmd_opts.textual_inversion_templates_dir = str(templates)
     opts = Options({"embeddings_dir": str(embeddings)} if sdnext else {})
     if sdnext:
         cmd_opts.embeddings_dir = str(root / "stale-compat-dir")  # SD.Next's real folder is the setting
@@ -217,13 +293,17 @@ def build(kind: str, checkpoint: Path | str | None, root: Path) -> FakeHost:
     model = FakeModel(info) if info else None
 
     modules["modules.script_callbacks"] = _script_callbacks(callbacks, sdnext)
-    modules["modules.devices"] = _module("modules.devices", device=__import__("torch").device("cpu"), cpu="cpu")
-    modules["modules.call_queue"] = _module("modules.call_queue", queue_lock=threading.Lock())
-    model_data = types.SimpleNamespace(sd_model=model)
+    torch = __import__("torch")
+    modules["modules.devices"] = _module("modules.devices", device=torch.device("cpu"), cpu=torch.device("cpu"))
+    modules["modules.call_queue"] = _module("modules.call_queue", queue_lock=FIFOLock())
+    # With a checkpoint selected but none loaded, A1111 loads it on the first `shared.sd_model`.
+    model_data = ModelData(record, model if loaded else None, loads=model)
 
     def select_checkpoint():
         return info
 
+    if kind in ("a1111", "reforge"):  # their page reads the hijack's database; it has none of its own
+        modules["modules.ui_extra_networks_textual_inversion"] = _module("modules.ui_extra_networks_textual_inversion")
     if kind in ("a1111", "reforge", "sdnext"):
         modules["modules.sd_hijack"] = _module(
             "modules.sd_hijack",
@@ -314,18 +394,22 @@ def build(kind: str, checkpoint: Path | str | None, root: Path) -> FakeHost:
     modules["modules.sd_models"] = _module(
         "modules.sd_models", model_data=model_data, select_checkpoint=select_checkpoint, **sd_models
     )
-    shared = _module(
-        "modules.shared", state=state, opts=opts, cmd_opts=cmd_opts, OptionInfo=OptionInfo, sd_model=model
-    )
+    if kind in ("a1111", "reforge"):
+        shared = A1111Shared("modules.shared")
+        shared.__dict__.update(state=state, opts=opts, cmd_opts=cmd_opts, OptionInfo=OptionInfo, model_data=model_data)
+    else:
+        shared = _module(
+            "modules.shared", state=state, opts=opts, cmd_opts=cmd_opts, OptionInfo=OptionInfo, sd_model=model
+        )
     if sdnext:
         shared.native = True
     modules["modules.shared"] = shared
     return FakeHost(kind, record, modules, callbacks)
 
 
-def install(monkeypatch, kind: str, checkpoint: Path | str | None, root: Path) -> FakeHost:
+def install(monkeypatch, kind: str, checkpoint: Path | str | None, root: Path, *, loaded: bool = True) -> FakeHost:
     """Build a fake web UI and put its modules in sys.modules (undone by monkeypatch after the test)."""
-    host = build(kind, checkpoint, root)
+    host = build(kind, checkpoint, root, loaded=loaded)
     for prefix in ("modules", "backend", "ldm_patched"):
         for name in [n for n in sys.modules if n == prefix or n.startswith(prefix + ".")]:
             monkeypatch.delitem(sys.modules, name)

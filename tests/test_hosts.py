@@ -106,6 +106,31 @@ def test_detects_each_host_with_no_model_loaded(monkeypatch, tmp_path, kind):
     assert Host().checkpoint_path() is None
 
 
+def test_nothing_the_tab_asks_loads_the_host_model(monkeypatch, tmp_path, tiny_model_dirs, ui_modules):
+    """While A1111 starts, a checkpoint is selected but not loaded, and `shared.sd_model` would load it."""
+    host = fake_hosts.install(monkeypatch, "a1111", tiny_model_dirs["sd1"], tmp_path, loaded=False)
+    from ti_host.backend import HostBackend
+    from ti_host.host import Host
+
+    backend = HostBackend()
+    assert Host().kind() == "a1111" and Host().checkpoint_path() == tiny_model_dirs["sd1"]
+    assert backend.model_label().startswith("sd1 [0123456789]") and backend.loaded_model() is None
+    backend.problem()
+    backend.reload_embeddings()
+    assert "load_model" not in host.record.names()
+    assert host.shared.sd_model is not None and "load_model" in host.record.names()  # the fake does load
+
+
+def test_a1111s_templates_folder_is_offered(host, kind):
+    from ti_host.host import Host
+
+    folder = Host().templates_dir()
+    if kind in ("a1111", "reforge"):
+        assert folder is not None and (folder / "subject_filewords.txt").is_file()
+    else:
+        assert folder is None
+
+
 def test_embeddings_folder_follows_the_host(host, kind, tmp_path):
     from ti_host.host import Host
 
@@ -248,6 +273,45 @@ def test_a_failing_database_does_not_stop_the_others(monkeypatch, tmp_path, tiny
     ]
 
 
+def test_a_diffusers_that_does_not_import_is_one_line_not_an_error_500(host, backend, monkeypatch):
+    """As in A1111 1.10 with diffusers 0.37 (transformers 4.30): Create says why, and how to fix it."""
+    from ti_host import dependencies, routes
+
+    broken = types.ModuleType("diffusers")  # imports, but has none of the pipelines
+    monkeypatch.setitem(sys.modules, "diffusers", broken)
+    monkeypatch.setattr(dependencies, "_import_result", [])
+    status, payload = routes.handle(routes.create, backend, {"name": "t"})
+    assert status == 400, payload
+    assert payload["error"].startswith("The Textual Inversion trainer cannot import diffusers")
+    assert "cannot import name 'StableDiffusionPipeline'" in payload["error"] and "--skip-install" in payload["error"]
+    assert backend.problem() == payload["error"]  # and the tab shows it from now on
+
+
+def test_a_known_misfit_is_named_without_importing(host, backend, monkeypatch):
+    from ti_host import dependencies
+
+    monkeypatch.setattr(dependencies, "_import_result", [])
+    versions = {"diffusers": "0.37.1", "transformers": "4.30.2"}
+    monkeypatch.setattr(dependencies, "_version", versions.get)
+    problem = backend.problem()
+    assert "diffusers 0.37.1 needs transformers 4.48 or newer, and this Python has transformers 4.30.2" in problem
+    assert 'install "diffusers>=0.28,<0.32"' in problem
+    versions.pop("diffusers")
+    assert "needs diffusers, which is not installed" in backend.problem()
+    versions["diffusers"] = "0.31.0"
+    assert backend.problem() is None
+
+
+@pytest.mark.skipif(not HAS_GRADIO, reason="needs gradio (the UI test environments have it)")
+def test_the_tab_shows_the_problem_above_its_tabs(host, backend, ui_modules, monkeypatch):
+    import extension
+
+    monkeypatch.setattr(type(backend), "problem", lambda self: "The Textual Inversion trainer needs diffusers")
+    blocks = extension.create_ui(backend)
+    banners = [block for block in blocks.blocks.values() if getattr(block, "elem_id", None) == "ti_problem"]
+    assert len(banners) == 1 and "needs diffusers" in banners[0].value and "ti-status-error" in banners[0].value
+
+
 # ---- the training context ----------------------------------------------------------------------------
 
 FREED = {"a1111": "cpu", "reforge": "cpu", "forge": "cpu", "sdnext": None}  # SD.Next unloads the model entirely
@@ -255,7 +319,7 @@ FREED = {"a1111": "cpu", "reforge": "cpu", "forge": "cpu", "sdnext": None}  # SD
 
 def _host_model_state(host):
     lock = host.modules["modules.call_queue"].queue_lock
-    return {"device": getattr(host.model, "device", None), "job": host.shared.state.job, "locked": lock.locked()}
+    return {"device": getattr(host.model, "device", None), "job": host.shared.state.job, "locked": lock.held()}
 
 
 def _assert_restored(host, kind):
@@ -271,7 +335,7 @@ def _assert_restored(host, kind):
     else:  # the memory manager brings the model back on the next generation by itself
         assert "unload_all_models" in names
     assert host.shared.state.job == ""
-    assert not host.modules["modules.call_queue"].queue_lock.locked()
+    assert not host.modules["modules.call_queue"].queue_lock.held()
     # After the run (which writes the embedding) the host's embeddings are reloaded, after its model is back.
     assert names.index("reload") > names.index("state.begin")
 

@@ -60,7 +60,7 @@ def test_plan_never_names_a_host_owned_package(host):
 
 def test_a1111_gets_only_diffusers_with_every_installed_package_pinned():
     args = install.plan_install(A1111, constraints="/tmp/c.txt")
-    assert args == ["install", "--prefer-binary", "--constraint", "/tmp/c.txt", "diffusers>=0.28,<1"]
+    assert args == ["install", "--prefer-binary", "--constraint", "/tmp/c.txt", "diffusers>=0.28,<0.32"]
     pins = install.constraints_text(A1111).splitlines()
     versions = {install.normalize(name): version for name, version in A1111.items()}
     for name in (*NEVER_TOUCHED, "huggingface-hub", "safetensors", "pillow"):
@@ -71,6 +71,28 @@ def test_a1111_gets_only_diffusers_with_every_installed_package_pinned():
 @pytest.mark.parametrize("host", ["forge", "reforge", "sdnext"])
 def test_hosts_that_have_everything_install_nothing(host):
     assert install.plan_install(HOSTS[host]) == []
+
+
+@pytest.mark.parametrize(
+    ("transformers", "spec"),
+    [("4.30.2", ">=0.28,<0.32"), ("4.36.2", ">=0.28,<0.32"), ("4.37.0", ">=0.28,<0.37"), ("4.46.1", ">=0.28,<0.37"),
+     ("4.48.0", ">=0.28,<1"), ("5.2.0", ">=0.28,<1"), (None, ">=0.28,<1")],
+)  # fmt: skip
+def test_diffusers_is_chosen_by_the_transformers_installed(transformers, spec):
+    """diffusers 0.32+ imports transformers' SiglipImageProcessor (4.37+), 0.37+ its Dinov2WithRegistersConfig
+    (4.48+): pip alone picks 0.37 for A1111 1.10, whose transformers is 4.30."""
+    assert install.diffusers_spec(transformers) == spec
+
+
+def test_a_diffusers_too_new_for_its_transformers_is_named():
+    misfit = install.diffusers_misfit({**A1111, "diffusers": "0.37.1"})
+    assert misfit == "diffusers 0.37.1 needs transformers 4.48 or newer, and this Python has transformers 4.30.2"
+    assert install.diffusers_misfit({**A1111, "diffusers": "0.31.0"}) is None
+    assert install.diffusers_misfit(FORGE) is None and install.diffusers_misfit(A1111) is None
+    assert "needs transformers 4.48" in install.diffusers_misfit({**FORGE, "diffusers": "0.37.1"})
+    replaced = install.plan_install({**A1111, "diffusers": "0.37.1"}, replace=["diffusers"])
+    assert replaced[-1] == "diffusers>=0.28,<0.32"
+    assert "diffusers==" not in install.constraints_text({**A1111, "diffusers": "0.37.1"}, exclude=["diffusers"])
 
 
 def test_only_missing_packages_are_requested():
@@ -147,42 +169,69 @@ def test_without_a_host_pip_runs_as_a_subprocess(monkeypatch):
 
 
 # ---- `python install.py` as the web UI runs it, with a fake `launch` module on PYTHONPATH -----------
+# The fake run_pip records what it was asked and "installs" diffusers as a package in the site folder: one
+# that imports, or (DIFFUSERS=broken) one that fails as diffusers 0.32+ does under transformers 4.30.
 
 FAKE_LAUNCH = """
 import json, os, shlex, types
 args = types.SimpleNamespace(skip_install={skip})
-FAIL_FIRST = {fail_first}
+FAIL = {fail}  # how many pip calls fail
+HERE = os.path.dirname(os.path.abspath(__file__))
 _calls = []
 
-def run_pip(command, desc=None):
+GOOD = "StableDiffusionPipeline = StableDiffusionXLPipeline = object\\n"
+BROKEN = "raise ImportError(\\"cannot import name 'SiglipImageProcessor' from 'transformers' (/x/transformers/__init__.py)\\")\\n"
+
+def _install_diffusers(version):
+    for name in os.listdir(HERE):
+        if name.startswith("diffusers-"):
+            os.remove(os.path.join(HERE, name, "METADATA")); os.rmdir(os.path.join(HERE, name))
+    os.makedirs(os.path.join(HERE, "diffusers"), exist_ok=True)
+    with open(os.path.join(HERE, "diffusers", "__init__.py"), "w") as handle:
+        handle.write(BROKEN if os.environ.get("DIFFUSERS") == "broken" else GOOD)
+    info = os.path.join(HERE, "diffusers-" + version + ".dist-info")
+    os.makedirs(info)
+    with open(os.path.join(info, "METADATA"), "w") as handle:
+        handle.write("Metadata-Version: 2.1\\nName: diffusers\\nVersion: " + version + "\\n")
+
+def run_pip(command, desc=None, live=False):
+    # A1111's: prints "Installing <desc>", runs pip with the output captured, raises RuntimeError on failure.
+    print("Installing " + desc, flush=True)
     words = shlex.split(command)
     constraints = words[words.index("--constraint") + 1] if "--constraint" in words else None
     pins = open(constraints).read().split() if constraints else []
     _calls.append(1)
     with open(os.environ["RECORD"], "a") as handle:
         handle.write(json.dumps({{"command": command, "words": words, "pins": pins, "desc": desc}}) + "\\n")
-    if FAIL_FIRST and len(_calls) == 1:
-        raise RuntimeError("Couldn't install " + desc + "\\nResolutionImpossible")
+    if len(_calls) <= FAIL:
+        raise RuntimeError("Couldn't install " + desc + ".\\nCommand: pip ...\\nResolutionImpossible")
+    if any(word.startswith("diffusers") for word in words):
+        _install_diffusers(os.environ.get("DIFFUSERS_VERSION", "0.31.0"))
 
 def is_installed(package):
     return False
 """
 
 
-def _site(tmp_path: Path, installed: dict[str, str], *, skip=False, fail_first=False) -> Path:
-    """A PYTHONPATH folder with the fake launch module and .dist-info stubs for `installed`."""
+def _site(tmp_path: Path, installed: dict[str, str], *, skip=False, fail=0, diffusers_code: str | None = None) -> Path:
+    """A PYTHONPATH folder with the fake launch module and .dist-info stubs for `installed` (and, with
+    `diffusers_code`, an importable diffusers package holding that code)."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "launch.py").write_text(textwrap.dedent(FAKE_LAUNCH.format(skip=skip, fail_first=fail_first)))
+    (site / "launch.py").write_text(textwrap.dedent(FAKE_LAUNCH.format(skip=skip, fail=fail)))
     for name, version in installed.items():
         info = site / f"{name.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if diffusers_code is not None:
+        (site / "diffusers").mkdir()
+        (site / "diffusers" / "__init__.py").write_text(diffusers_code)
     return site
 
 
 def _run_install(tmp_path: Path, site: Path, *extra: str, env: dict[str, str] | None = None):
     record = tmp_path / "record.jsonl"
+    record.unlink(missing_ok=True)
     # -S: no site-packages, so the only installed distributions are the stubs in `site`.
     result = subprocess.run(
         [sys.executable, "-S", str(ROOT / "install.py"), *extra],
@@ -190,26 +239,72 @@ def _run_install(tmp_path: Path, site: Path, *extra: str, env: dict[str, str] | 
         env={"PYTHONPATH": str(site), "RECORD": str(record), **(env or {})},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
     calls = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     return result, calls
 
 
-def test_subprocess_a1111_installs_diffusers_through_run_pip(tmp_path):
-    result, calls = _run_install(tmp_path, _site(tmp_path, A1111))
+def _one_line(result) -> str:
+    """What the user reads: install.py's own lines on stdout (A1111 drops an installer's stderr on success)."""
+    ours = [line for line in result.stdout.splitlines() if line.startswith("[textual-inversion-trainer]")]
+    assert len(ours) == 1, result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    return ours[0]
+
+
+def test_subprocess_a1111_installs_a_diffusers_its_transformers_imports(tmp_path):
+    site = _site(tmp_path, A1111)
+    result, calls = _run_install(tmp_path, site)
     assert result.returncode == 0, result.stderr
     assert len(calls) == 1
     words = calls[0]["words"]
-    assert words[0] == "install" and words[-1] == "diffusers>=0.28,<1"
+    assert words[0] == "install" and words[-1] == "diffusers>=0.28,<0.32"
     assert not _names_in(words) & set(NEVER_TOUCHED)
     assert {"torch==2.1.2+cu121", "transformers==4.30.2", "numpy==1.26.2", "gradio==3.41.2"} <= set(calls[0]["pins"])
+    assert _one_line(result) == "[textual-inversion-trainer] installed diffusers 0.31.0"
+    # The next launch finds everything and does nothing.
+    again, calls = _run_install(tmp_path, site)
+    assert again.returncode == 0 and calls == [] and again.stdout == ""
+
+
+def test_subprocess_a_diffusers_that_does_not_import_is_one_line(tmp_path):
+    result, calls = _run_install(tmp_path, _site(tmp_path, A1111), env={"DIFFUSERS": "broken"})
+    assert result.returncode == 0, result.stderr  # a web UI would wrap a failure in a multi-line report
+    assert len(calls) == 1
+    line = _one_line(result)
+    assert "installed diffusers 0.31.0, but it does not import with transformers 4.30.2" in line
+    assert "cannot import name 'SiglipImageProcessor' from 'transformers')" in line  # the path is left out
+    assert "Textual Inversion tab cannot work" in line
+
+
+def test_subprocess_replaces_a_diffusers_its_transformers_cannot_import(tmp_path):
+    """An earlier install picked diffusers 0.37.1 for transformers 4.30: it is replaced, and only it unpinned."""
+    broken = "raise ImportError(\"cannot import name 'SiglipImageProcessor' from 'transformers'\")\n"
+    site = _site(tmp_path, {**A1111, "diffusers": "0.37.1"}, diffusers_code=broken)
+    result, calls = _run_install(tmp_path, site)
+    assert result.returncode == 0, result.stderr
+    (call,) = calls
+    assert call["words"][-1] == "diffusers>=0.28,<0.32"
+    assert not any(pin.startswith("diffusers") for pin in call["pins"]) and "transformers==4.30.2" in call["pins"]
+    assert "replacing diffusers: diffusers 0.37.1 needs transformers 4.48 or newer" in result.stdout
+    assert result.stdout.strip().endswith("installed diffusers 0.31.0")
+
+
+def test_subprocess_a_misfit_that_imports_after_all_is_left_alone(tmp_path):
+    site = _site(
+        tmp_path,
+        {**A1111, "diffusers": "0.37.1"},
+        diffusers_code="StableDiffusionPipeline = StableDiffusionXLPipeline = 1\n",
+    )
+    result, calls = _run_install(tmp_path, site)
+    assert result.returncode == 0 and calls == [], result.stdout + result.stderr
 
 
 def test_subprocess_forge_does_nothing(tmp_path):
     result, calls = _run_install(tmp_path, _site(tmp_path, FORGE))
     assert result.returncode == 0, result.stderr
-    assert calls == []
+    assert calls == [] and result.stdout == ""
 
 
 @pytest.mark.parametrize(
@@ -224,17 +319,28 @@ def test_subprocess_honours_skip_install(tmp_path, skip, extra, env):
 
 
 def test_subprocess_retries_with_only_critical_pins(tmp_path):
-    result, calls = _run_install(tmp_path, _site(tmp_path, A1111, fail_first=True))
+    result, calls = _run_install(tmp_path, _site(tmp_path, A1111, fail=1))
     assert result.returncode == 0, result.stderr
     assert len(calls) == 2
     assert "tqdm==4.66.1" in calls[0]["pins"] and not any(p.startswith("tqdm") for p in calls[1]["pins"])
     assert "torch==2.1.2+cu121" in calls[1]["pins"]
+    assert _one_line(result) == "[textual-inversion-trainer] installed diffusers 0.31.0"
+
+
+def test_subprocess_pip_failing_twice_is_one_line(tmp_path):
+    result, calls = _run_install(tmp_path, _site(tmp_path, A1111, fail=2))
+    assert result.returncode == 0 and len(calls) == 2
+    line = _one_line(result)
+    assert line.startswith(
+        "[textual-inversion-trainer] could not install diffusers>=0.28,<0.32 (pip: Couldn't install"
+    )
+    assert "Textual Inversion tab cannot work" in line
 
 
 def test_subprocess_bare_python_asks_for_everything_but_host_packages(tmp_path):
     result, calls = _run_install(tmp_path, _site(tmp_path, {}))
     assert result.returncode == 0, result.stderr
-    assert "torch is not installed" in result.stderr
+    assert "torch is not installed" in result.stdout
     (call,) = calls
     assert set(call["words"][4:]) == {
         "diffusers>=0.28,<1",

@@ -13,7 +13,7 @@ from typing import Any
 from ti_core.jobs import TrainingJob, current_job
 from ti_ui.backend import Backend
 
-from . import settings
+from . import dependencies, settings
 from .context import Watcher, host_job, host_model_freed, queue_slot
 from .host import Host, default_mixed_precision
 
@@ -116,6 +116,10 @@ class HostBackend(Backend):
         stat = path.stat()
         return path, (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
+    def problem(self) -> str | None:
+        """What stops the trainer from working in this web UI, in one line with the fix (shown in the tab)."""
+        return dependencies.known_problem()
+
     def current_model(self):
         """The web UI's current checkpoint as a TIModel.
 
@@ -123,6 +127,9 @@ class HostBackend(Backend):
         map (A1111/reForge: SD1, SD2, SDXL): instant, and no second copy in memory. Otherwise the file is
         loaded (on the CPU; moved to the web UI's device while training).
         """
+        problem = dependencies.import_problem()
+        if problem:
+            raise ValueError(problem)  # the tab and the API show it as one line, as for any bad input
         path, key = self._checkpoint_key()
         with self._load_lock:
             model = self._cached(key)

@@ -10,6 +10,7 @@ import gradio as gr
 
 from .actions import library_action, page_load_action
 from .backend import Backend
+from .render import _status
 from .compat import GRADIO_MAJOR, _js, _make
 from .tabs.create import _create_tab
 from .tabs.embeddings import _embeddings_tab
@@ -23,6 +24,9 @@ def create_ui(backend: Backend):
     """The whole tab as a gr.Blocks: Create, Train, Embeddings (with Try it in the standalone app)."""
     with gr.Blocks(**_blocks_kwargs(backend)) as demo:
         with _make(gr.Column, elem_id="ti_root", elem_classes=["ti-root"]):
+            problem = backend.problem()
+            if problem:
+                _make(gr.HTML, value=_status(problem, "error"), elem_id="ti_problem")
             if backend.has_model_picker:
                 _model_row(backend)
             with gr.Tabs(elem_id="ti_tabs"):

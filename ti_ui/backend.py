@@ -63,6 +63,10 @@ class Backend:
     def reload_embeddings(self) -> None:
         """Called after an embedding file was written, so the host's prompt parser sees it."""
 
+    def problem(self) -> str | None:
+        """One line saying what stops the trainer from working here (shown above the tabs), or None."""
+        return None
+
     def training_context(self) -> AbstractContextManager:
         """Wraps a whole training run (a host frees its own model from the GPU and restores it after)."""
         return contextlib.nullcontext()
