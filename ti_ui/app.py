@@ -10,8 +10,8 @@ import gradio as gr
 
 from .actions import library_action, page_load_action
 from .backend import Backend
-from .render import _status
 from .compat import GRADIO_MAJOR, _js, _make
+from .render import _status
 from .tabs.create import _create_tab
 from .tabs.embeddings import _embeddings_tab
 from .tabs.model import _model_row
