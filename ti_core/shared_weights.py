@@ -200,6 +200,17 @@ def _text_encoder(config: dict[str, Any], with_projection: bool, lookup, what: s
     return model
 
 
+# Per architecture, each text encoder: (key, tokenizer, config part, with projection, lookup, key prefix).
+TEXT_ENCODERS = {
+    "sd1": [("clip_l", "tokenizer", "text_encoder", False, _clip_lookup, SD1_CLIP_PREFIX)],
+    "sd2": [("clip_h", "tokenizer", "text_encoder", False, _openclip_lookup, SD2_OPENCLIP_PREFIX)],
+    "sdxl": [
+        ("clip_l", "tokenizer", "text_encoder", False, _clip_lookup, SDXL_CLIP_L_PREFIX),
+        ("clip_g", "tokenizer_2", "text_encoder_2", True, _openclip_lookup, SDXL_CLIP_G_PREFIX),
+    ],
+}
+
+
 def model_from_tensors(
     state_dict: Tensors,
     *,
@@ -233,49 +244,14 @@ def model_from_tensors(
     _assign(vae, _vae_lookup(state_dict, vae.config), f"{source} (VAE)")
 
     tokenizers = _tokenizers(architecture)
-    if architecture == "sdxl":
-        encoders = [
-            TextEncoder(
-                "clip_l",
-                tokenizers["tokenizer"],
-                _text_encoder(
-                    configs["text_encoder"], False, _clip_lookup(state_dict, SDXL_CLIP_L_PREFIX), f"{source} (CLIP-L)"
-                ),
-            ),
-            TextEncoder(
-                "clip_g",
-                tokenizers["tokenizer_2"],
-                _text_encoder(
-                    configs["text_encoder_2"],
-                    True,
-                    _openclip_lookup(state_dict, SDXL_CLIP_G_PREFIX),
-                    f"{source} (CLIP-G)",
-                ),
-            ),
-        ]
-    elif architecture == "sd2":
-        encoders = [
-            TextEncoder(
-                "clip_h",
-                tokenizers["tokenizer"],
-                _text_encoder(
-                    configs["text_encoder"],
-                    False,
-                    _openclip_lookup(state_dict, SD2_OPENCLIP_PREFIX),
-                    f"{source} (OpenCLIP)",
-                ),
-            )
-        ]
-    else:
-        encoders = [
-            TextEncoder(
-                "clip_l",
-                tokenizers["tokenizer"],
-                _text_encoder(
-                    configs["text_encoder"], False, _clip_lookup(state_dict, SD1_CLIP_PREFIX), f"{source} (CLIP)"
-                ),
-            )
-        ]
+    encoders = [
+        TextEncoder(
+            key,
+            tokenizers[tokenizer],
+            _text_encoder(configs[part], projection, lookup(state_dict, prefix), f"{source} ({key})"),
+        )
+        for key, tokenizer, part, projection, lookup, prefix in TEXT_ENCODERS[architecture]
+    ]
 
     schedulers = {cls.__name__: cls for cls in (DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler)}
     scheduler_config = configs["scheduler"]
