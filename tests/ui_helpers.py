@@ -172,11 +172,13 @@ class UiPage:
 
     def dropdown_options(self, elem_id: str) -> list[str]:
         """The choices a person sees on opening the dropdown (it is closed again after)."""
-        self.page.locator(f"#{elem_id} input").first.click()
+        field = self.page.locator(f"#{elem_id} input").first
+        field.click()
         options = self.page.locator(f"#{elem_id} li")
         options.first.wait_for(timeout=10_000)
         texts = [text.replace("✓", "").strip() for text in options.all_inner_texts()]
         self.page.keyboard.press("Escape")
+        field.blur()  # a dropdown opens on focus: a later click on a still-focused one would not open it
         return texts
 
     def screenshot(self, name: str, full_page: bool = True) -> Path:
