@@ -43,7 +43,7 @@ from ti_ui.actions import (  # noqa: E402
 from ti_ui.app import _client_script, _css_goes_to_launch, _page_assets, create_ui  # noqa: E402
 from ti_ui.backend import NO_MODEL_HELP, Backend, StandaloneBackend, find_checkpoints  # noqa: E402
 from ti_ui.compat import GRADIO_MAJOR, _js, _supported  # noqa: E402
-from ti_ui.plot import loss_plot  # noqa: E402
+from ti_ui.plot import loss_frame  # noqa: E402
 from ti_ui.render import (  # noqa: E402
     PROMPT_TOKENS,
     CardInfo,
@@ -82,7 +82,7 @@ __all__ = [  # what this module has always offered, wherever it now lives
     "interrupt_training",
     "launch",
     "library_action",
-    "loss_plot",
+    "loss_frame",
     "main",
     "parse_args",
     "poll_training",

@@ -132,12 +132,22 @@ def test_bad_settings_are_one_status_line(tiny_models, tmp_path):
     assert extension.current_job() is before  # nothing started
 
 
-def test_loss_plot_draws_an_image():
-    image = extension.loss_plot([(step, 1.0 / step) for step in range(1, 40)])
-    assert image.size == (720, 280)
-    blue = sum(1 for pixel in image.getdata() if pixel == (30, 80, 200))
-    assert blue > 100  # the smoothed curve is drawn
-    assert extension.loss_plot([]).size == (720, 280)
+def test_loss_plot_rows_hold_each_step_and_the_moving_average():
+    frame = extension.loss_frame([(step, 1.0 / step) for step in range(1, 40)])
+    each, average = (frame[frame["curve"] == curve] for curve in ("each step", "moving average"))
+    assert list(each["step"]) == list(range(1, 40)) == list(average["step"])
+    assert list(each["loss"])[:2] == [1.0, 0.5]
+    assert average["loss"].iloc[0] == 1.0  # the average starts at the first loss, not at zero
+    assert 1.0 / 39 < average["loss"].iloc[-1] < 0.1  # and trails the falling loss
+    assert extension.loss_frame([]) is None  # an empty plot before the first step
+
+
+def test_a_long_run_is_thinned_for_the_plot_but_keeps_its_ends():
+    losses = [(step, 1.0 if step == 20_000 else 0.5) for step in range(1, 20_001)]
+    frame = extension.loss_frame(losses, limit=500)
+    steps = list(frame[frame["curve"] == "each step"]["step"])
+    assert 400 <= len(steps) <= 501 and steps[0] == 1 and steps[-1] == 20_000
+    assert frame["loss"].max() == 1.0  # the last step is drawn
 
 
 def test_progress_html_shows_step_speed_and_eta():
@@ -347,8 +357,13 @@ def test_train_shows_progress_loss_plot_and_previews(ui, app):
     assert ui.wait_value("ti_train_result", re.escape(str(final)))
     assert load_embedding(final).step == 8
     ui.page.wait_for_function("() => document.querySelectorAll('#ti_train_previews img').length >= 2")
-    plot = ui.page.locator("#ti_train_loss_plot img").first
-    assert plot.get_attribute("src")
+    tooltip = ui.plot_tooltip("ti_train_loss_plot")  # hovering a curve tells its step and loss
+    assert re.search(r"step:?\s+[1-8]\b", tooltip) and re.search(r"loss:?\s+\d", tooltip), tooltip
+    axes = ui.page.locator("#ti_train_loss_plot [aria-label*=axis]")  # SVG on the newest: named
+    if axes.count():
+        assert {"X-axis titled 'step'", "Y-axis titled 'loss'"} <= {
+            a.split(" for ")[0] for a in axes.evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
+        }
     ui.page.wait_for_timeout(500)  # let the gallery's images finish loading before the picture is taken
     ui.screenshot(f"train-finished-gradio{gr.__version__.split('.')[0]}")
 

@@ -172,12 +172,32 @@ class UiPage:
 
     def dropdown_options(self, elem_id: str) -> list[str]:
         """The choices a person sees on opening the dropdown (it is closed again after)."""
-        self.page.locator(f"#{elem_id} input").first.click()
+        field = self.page.locator(f"#{elem_id} input").first
+        field.click()
         options = self.page.locator(f"#{elem_id} li")
         options.first.wait_for(timeout=10_000)
         texts = [text.replace("✓", "").strip() for text in options.all_inner_texts()]
         self.page.keyboard.press("Escape")
+        field.blur()  # a dropdown opens on focus: a later click on a still-focused one would not open it
         return texts
+
+    def plot_tooltip(self, elem_id: str, timeout: float = 30) -> str:
+        """Hover over a gradio plot (Vega draws it on a canvas on gradio 3, as SVG on 4+) until the tooltip
+        shows a point's values; returns the tooltip's text."""
+        plot = self.page.locator(f"#{elem_id}").first
+        drawing = plot.locator(".marks").first  # Vega's drawing, whichever renderer
+        drawing.wait_for(timeout=timeout * 1000)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            box = drawing.bounding_box()
+            for x in (0.2, 0.4, 0.6, 0.8):
+                for y in range(2, 40):
+                    self.page.mouse.move(box["x"] + box["width"] * x, box["y"] + box["height"] * y / 40)
+                    tooltip = self.page.locator("#vg-tooltip-element")
+                    if tooltip.count() and tooltip.is_visible() and tooltip.inner_text().strip():
+                        return tooltip.inner_text()
+            self.page.wait_for_timeout(500)
+        raise AssertionError(f"no tooltip over #{elem_id}")
 
     def screenshot(self, name: str, full_page: bool = True) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)

@@ -14,7 +14,7 @@ import gradio as gr
 from ti_core.jobs import TrainingJob, current_job
 
 from .backend import Backend
-from .plot import loss_plot
+from .plot import loss_frame
 from .render import (
     PROMPT_TOKENS,
     _error,
@@ -238,7 +238,7 @@ def poll_training(seen: dict | None):
     plot = gr.update()
     if len(snapshot["losses"]) != seen.get("losses") or not snapshot["running"]:
         seen["losses"] = len(snapshot["losses"])
-        plot = loss_plot(snapshot["losses"])
+        plot = loss_frame(snapshot["losses"])
     gallery = gr.update()
     if len(snapshot["previews"]) != seen.get("previews"):
         seen["previews"] = len(snapshot["previews"])

@@ -1,17 +1,15 @@
-"""The loss plot."""
+"""The loss plot: the rows gradio's LinePlot draws (axes with their titles, hover values, a legend).
+
+gradio 3.41 draws it with Vega from an Altair chart, the newest with its own Vega spec; both take the same
+table of (step, loss, curve) rows. The table is thinned, since the poller sends it again after every step.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 (a scalable font)
-    except TypeError:
-        return ImageFont.load_default()
+LOSS_PLOT_STEPS = 500  # steps drawn per curve: plenty for the shape, a few kB to send each second
+CURVES = ("each step", "moving average")
 
 
 def _smooth(values: Sequence[float], weight: float) -> list[float]:
@@ -24,50 +22,26 @@ def _smooth(values: Sequence[float], weight: float) -> list[float]:
     return smoothed
 
 
-def loss_plot(losses: Sequence[Sequence[float]], size: tuple[int, int] = (720, 280)):
-    """A PNG-ready PIL image of loss against step: raw values faint, their moving average bold.
+def _thinned(count: int, limit: int) -> list[int]:
+    """At most about `limit` evenly spaced indices of `count`, the first and the last included."""
+    stride = max(1, -(-count // limit))
+    indices = list(range(0, count, stride))
+    if indices and indices[-1] != count - 1:
+        indices.append(count - 1)
+    return indices
 
-    Drawn with PIL rather than a gradio plot component, which differs (or is missing) between versions.
-    """
-    from PIL import Image, ImageDraw
 
-    width, height = size
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = _font(13)
-    left, right, top, bottom = 64, width - 16, 28, height - 34
-    draw.text((left, 6), "loss (faint: each step, bold: moving average)", fill=(60, 60, 60), font=font)
-    draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
+def loss_frame(losses: Sequence[Sequence[float]], limit: int = LOSS_PLOT_STEPS):
+    """Loss against step as a pandas DataFrame of (step, loss, curve) rows: each step's loss and its
+    moving average (over every step, before thinning), or None before the first step (an empty plot)."""
+    import pandas as pd  # a gradio dependency, needed only once there is something to plot
+
     if not losses:
-        draw.text((left + 12, top + 12), "No loss values yet.", fill=(120, 120, 120), font=font)
-        return image
-    steps = [float(step) for step, _ in losses]
+        return None
+    steps = [int(step) for step, _ in losses]
     values = [float(loss) for _, loss in losses]
     smoothed = _smooth(values, 0.9 if len(values) > 50 else 0.6)
-    ordered = sorted(values)
-    low = ordered[0]
-    high = ordered[min(len(ordered) - 1, int(0.98 * len(ordered)))]  # one spike must not flatten the curve
-    high = max(high, max(smoothed))
-    if high - low < 1e-9:
-        low, high = low - 0.5, high + 0.5
-    first, last = steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1
-
-    def point(step: float, value: float) -> tuple[float, float]:
-        x = left + (step - first) / (last - first) * (right - left)
-        y = bottom - (min(max(value, low), high) - low) / (high - low) * (bottom - top)
-        return x, y
-
-    for fraction in (0.0, 0.5, 1.0):
-        value = low + fraction * (high - low)
-        y = bottom - fraction * (bottom - top)
-        draw.line((left, y, right, y), fill=(235, 235, 235))
-        draw.text((6, y - 7), f"{value:.4g}", fill=(90, 90, 90), font=font)
-    draw.text((left, bottom + 8), f"step {int(first)}", fill=(90, 90, 90), font=font)
-    draw.text((right - 90, bottom + 8), f"step {int(steps[-1])}", fill=(90, 90, 90), font=font)
-    if len(values) == 1:
-        x, y = point(steps[0], values[0])
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(40, 90, 200))
-        return image
-    draw.line([point(s, v) for s, v in zip(steps, values, strict=True)], fill=(170, 195, 240), width=1)
-    draw.line([point(s, v) for s, v in zip(steps, smoothed, strict=True)], fill=(30, 80, 200), width=2)
-    return image
+    keep = _thinned(len(values), limit)
+    rows = [(steps[i], float(f"{values[i]:.4g}"), CURVES[0]) for i in keep]
+    rows += [(steps[i], float(f"{smoothed[i]:.4g}"), CURVES[1]) for i in keep]
+    return pd.DataFrame(rows, columns=["step", "loss", "curve"])

@@ -12,7 +12,7 @@ import gradio as gr
 from ..actions import _dropdown_names, interrupt_training, poll_training, scan_action, start_training
 from ..backend import Backend
 from ..compat import _make, _poll, _refresh_button
-from ..plot import loss_plot
+from ..plot import CURVES
 from ..render import embedding_names, progress_html
 
 
@@ -209,15 +209,7 @@ def _train_tab(demo, backend: Backend):
                 resume = _make(gr.Button, value="Resume", elem_id="ti_train_resume")
             status = _make(gr.HTML, value="", elem_id="ti_train_status")
             progress = _make(gr.HTML, value=progress_html(None), elem_id="ti_train_progress")
-            plot = _make(
-                gr.Image,
-                value=loss_plot([]),
-                type="pil",
-                label="Loss",
-                show_label=False,
-                interactive=False,
-                elem_id="ti_train_loss_plot",
-            )
+            plot = _loss_plot()
             previews = _make(
                 gr.Gallery, label="Previews", columns=4, height=260, object_fit="contain", elem_id="ti_train_previews"
             )
@@ -229,6 +221,32 @@ def _train_tab(demo, backend: Backend):
     seen = gr.State({})
     _poll(demo, poll_training, [seen], [progress, plot, previews, status, result, train, resume, interrupt, seen], 1.0)
     return embedding
+
+
+def _loss_plot():
+    """gradio's line plot of `loss_frame` rows. The keywords of every version are given and `_make` keeps
+    those this one knows: gradio 3 draws at a fixed width (it cannot fill its column) with the legend
+    below, the newest fills the column."""
+    return _make(
+        gr.LinePlot,
+        value=None,
+        x="step",
+        y="loss",
+        color="curve",
+        color_map={CURVES[0]: "#a8c1ec", CURVES[1]: "#1f4fbf"},  # the noisy curve faint, where gradio can
+        x_title="step",
+        y_title="loss",
+        tooltip=["step", "loss", "curve"],
+        color_legend_title=" ",
+        color_title=" ",
+        color_legend_position="bottom",
+        overlay_point=False,
+        width=400,
+        height=240,
+        label="Loss",
+        show_label=False,
+        elem_id="ti_train_loss_plot",
+    )
 
 
 def _start_from_values(backend: Backend, resume: bool, values: Sequence[Any]) -> str:
