@@ -277,7 +277,7 @@ def _training_mode(model, config: TrainConfig) -> Iterator[tuple[torch.device, t
             module.to(half)
     model.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
     try:
-        with _direct_attention_calls(model.unet):
+        with _direct_attention_calls(model.unet), _compiled(model, config.compile):
             # channels_last lets the convolutions use their fastest kernels (bench/RESULTS.md: +10 % per
             # step on CPU); it changes only the memory layout, so it is undone for whoever uses the model next.
             if owned:
@@ -336,6 +336,34 @@ def _direct_attention_calls(unet) -> Iterator[None]:
                 module.forward = previous
             elif "forward" in vars(module):
                 del module.forward
+
+
+@contextlib.contextmanager
+def _compiled(model, enabled: bool) -> Iterator[None]:
+    """While active (and `enabled`), the UNet and the text encoders run through torch.compile, each whole as
+    one graph: on the CPU each compiled region's Python wrappers cost about half a millisecond per step, which
+    ate the gain of compiling the repeated blocks one by one (bench/RESULTS.md). Compiling happens in the first
+    step (and again for a new batch shape); inductor keeps what it built on disk, so later runs start sooner.
+    Whatever `forward` a module had before is back afterwards."""
+    modules = [model.unet, *(encoder.model for encoder in model.encoders)] if enabled else []
+    patched = {module: vars(module).get("forward") for module in modules}  # None: the class's own
+    try:
+        for module in modules:
+            module.forward = torch.compile(module.forward)
+        yield
+    finally:
+        for module, previous in patched.items():
+            if previous is not None:
+                module.forward = previous
+            elif "forward" in vars(module):
+                del module.forward
+
+
+def _uncompiled():
+    """Previews and validation run eagerly: their no-grad passes (and a preview's doubled batch) would each
+    compile anew, for a handful of calls."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
 def _set_checkpointing(model, enabled: bool) -> None:
@@ -590,7 +618,7 @@ def validation_loss(model, noise_scheduler, name: str, vectors, samples: list[Va
     """Mean loss of the fixed validation samples (no min-SNR weighting: comparable across settings)."""
     device = model.unet.device
     total = 0.0
-    with torch.no_grad(), _autocast(device, half):
+    with torch.no_grad(), _autocast(device, half), _uncompiled():
         for sample in samples:
             conditioning = encode_prompts(model, [sample.prompt], {name: vectors})
             total += diffusion_loss(
@@ -615,7 +643,7 @@ def render_preview(model, name: str, vectors, prompt: str, config: TrainConfig):
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     device, size = model.unet.device, config.data.resolution
-    with torch.no_grad():
+    with torch.no_grad(), _uncompiled():
         # One call, so the prompt and the negative prompt get the same number of 77-token windows.
         both = encode_prompts(model, [config.preview_negative_prompt, prompt], {name: vectors})
         extra = {}
