@@ -165,7 +165,7 @@ def test_train_in_the_tab_writes_the_file_previews_and_loss_plot(page, webui, wo
     )
     assert len(snapshot["losses"]) == 4
     # gradio's LinePlot draws on a canvas (gradio 3.41, the web UI's) or as SVG (newer gradio).
-    page.page.wait_for_selector("#ti_train_loss_plot canvas, #ti_train_loss_plot svg", timeout=30_000)
+    page.page.locator("#ti_train_loss_plot .marks").first.wait_for(timeout=60_000)  # Vega's drawing
     page.screenshot("a1111-train-finished")
 
     trained = _sha256(path)
