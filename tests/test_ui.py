@@ -13,11 +13,10 @@ import time
 import pytest
 from ui_helpers import (
     UiPage,
+    chromium_browser,
     free_port,
-    launch_browser,
     loopback_only,
     make_dataset,
-    require_chromium,
     require_module,
     stop_app,
 )
@@ -262,12 +261,8 @@ def test_try_it_renders_with_a_clicked_embedding(tiny_model_dirs, tmp_path):
 
 @pytest.fixture(scope="module")
 def browser():
-    executable = require_chromium()
-    sync_api = require_module("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        browser = launch_browser(playwright, executable)
+    with chromium_browser() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ page actions below hide that, and use only elem_ids (the public contract) to fin
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -83,6 +84,17 @@ def make_dataset(folder: Path, count: int = 4) -> Path:
 
 def launch_browser(playwright, executable: str):
     return playwright.chromium.launch(executable_path=executable, headless=True, args=BROWSER_ARGS)
+
+
+@contextlib.contextmanager
+def chromium_browser():
+    """Headless Debian chromium through playwright, for a fixture's lifetime (skips or fails as required)."""
+    executable = require_chromium()
+    sync_api = require_module("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = launch_browser(playwright, executable)
+        yield browser
+        browser.close()
 
 
 def loopback_only(page) -> None:

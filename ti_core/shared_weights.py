@@ -175,8 +175,9 @@ def _openclip_lookup(state_dict: Tensors, prefix: str) -> Callable[[str], torch.
 
 def _vae_lookup(state_dict: Tensors, config: Mapping[str, Any]) -> Callable[[str], torch.Tensor | None]:
     def lookup(name: str) -> torch.Tensor | None:
-        tensor = state_dict.get(VAE_PREFIX + vae_key(name, config))
-        if tensor is not None and ".mid.attn_1." in vae_key(name, config) and tensor.ndim == 4:
+        stored = vae_key(name, config)
+        tensor = state_dict.get(VAE_PREFIX + stored)
+        if tensor is not None and ".mid.attn_1." in stored and tensor.ndim == 4:
             tensor = tensor[:, :, 0, 0]  # LDM's VAE attention is 1x1 convolutions; diffusers' is linear
         return tensor
 

@@ -324,11 +324,18 @@ def _direct_attention_calls(unet) -> Iterator[None]:
 
         return forward
 
-    modules = [module for module in unet.modules() if isinstance(module, Attention)]
+    with _forwards_replaced([module for module in unet.modules() if isinstance(module, Attention)], direct):
+        yield
+
+
+@contextlib.contextmanager
+def _forwards_replaced(modules, make_forward) -> Iterator[None]:
+    """Give each module the forward `make_forward(module)` while active; whatever `forward` a module had
+    before (the class's, or someone's patch) is back afterwards."""
     patched = {module: vars(module).get("forward") for module in modules}  # None: the class's own
     try:
         for module in modules:
-            module.forward = direct(module)
+            module.forward = make_forward(module)
         yield
     finally:
         for module, previous in patched.items():
@@ -346,17 +353,8 @@ def _compiled(model, enabled: bool) -> Iterator[None]:
     step (and again for a new batch shape); inductor keeps what it built on disk, so later runs start sooner.
     Whatever `forward` a module had before is back afterwards."""
     modules = [model.unet, *(encoder.model for encoder in model.encoders)] if enabled else []
-    patched = {module: vars(module).get("forward") for module in modules}  # None: the class's own
-    try:
-        for module in modules:
-            module.forward = torch.compile(module.forward)
+    with _forwards_replaced(modules, lambda module: torch.compile(module.forward)):
         yield
-    finally:
-        for module, previous in patched.items():
-            if previous is not None:
-                module.forward = previous
-            elif "forward" in vars(module):
-                del module.forward
 
 
 def _uncompiled():

@@ -78,6 +78,7 @@ class HostBackend(Backend):
         self._owner_ref: weakref.ref | None = None  # the web UI model whose tensors the cached model shares
         self._owner_probe: int | None = None
         self._shared_model = None
+        self._unshareable = lambda: None  # (weakref to) a web UI model that failed to map: not tried again
         self._training = False
         self._shown_preview: str | None = None
 
@@ -132,22 +133,25 @@ class HostBackend(Backend):
             raise ValueError(problem)  # the tab and the API show it as one line, as for any bad input
         path, key = self._checkpoint_key()
         with self._load_lock:
-            model = self._cached(key)
+            model = self._at_hand(path, key)
             if model is None:
-                model = self._model_over_host_weights(path)
-                if model is None:
-                    log.info("loading %s for the Textual Inversion trainer", path)
-                    model = _load_file(path)
+                log.info("loading %s for the Textual Inversion trainer", path)
+                model = _load_file(path)
                 self._model_ref, self._model_key = weakref.ref(model), key
             if self._training and not model.shares_weights:
                 _move_model(model, self.host.device())
         return model
 
-    def _cached(self, key: tuple):
+    def _at_hand(self, path: Path, key: tuple):
+        """The model of this checkpoint already in memory, else one over the web UI's tensors, else None."""
         model = self._model_ref() if self._model_ref is not None and self._model_key == key else None
         if model is not None and model.shares_weights and not self._still_shared():
             self._forget_shared()
-            return None
+            model = None
+        if model is None:
+            model = self._model_over_host_weights(path)
+            if model is not None:
+                self._model_ref, self._model_key = weakref.ref(model), key
         return model
 
     def _still_shared(self) -> bool:
@@ -168,8 +172,8 @@ class HostBackend(Backend):
         from ti_core.shared_weights import model_from_tensors, original_config_from_yaml, strip_wrappers
 
         weights = self.host.model_weights()
-        if weights is None:
-            return None
+        if weights is None or weights.owner is self._unshareable():
+            return None  # the file is loaded instead (and not on every refresh: the UI asks often)
         try:
             original = original_config_from_yaml(weights.original_config) if weights.original_config else None
             model = model_from_tensors(
@@ -181,6 +185,7 @@ class HostBackend(Backend):
             )
         except ValueError as error:  # a layout we do not map: the file path still works
             log.info("training on a copy of %s: the web UI's loaded model cannot be shared (%s)", path, error)
+            self._unshareable = weakref.ref(weights.owner)
             return None
         # Kept while the web UI's model lives (building it again on every refresh or keystroke would cost
         # a second each); dropped as soon as the web UI replaces or frees that model.
@@ -201,12 +206,7 @@ class HostBackend(Backend):
         except ValueError:
             return None
         with self._load_lock:
-            model = self._cached(key)
-            if model is None:
-                model = self._model_over_host_weights(path)
-                if model is not None:
-                    self._model_ref, self._model_key = weakref.ref(model), key
-            return model
+            return self._at_hand(path, key)
 
     def _release_model(self) -> None:
         """Move the trainer's own copy off the GPU before the web UI's model comes back."""

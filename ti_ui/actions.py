@@ -82,16 +82,16 @@ def export_action(backend: Backend, name: str | None, to: str, folder: str, over
     """Export button: the picked embedding written for another tool into the chosen folder."""
     import html
 
-    from ti_core.formats import diffusers_loading_code, export_embedding, list_embeddings
+    from ti_core.formats import diffusers_loading_code, export_embedding
 
     if not name:
         return _status("Pick an embedding to export (press Refresh if the list is empty).")
-    paths = [path for path in list_embeddings(backend.embeddings_dir) if path.stem == name]
-    if not paths:
-        return _status(f"No embedding named {name} in {backend.embeddings_dir}; press Refresh.", "error")
+    path = _embedding_file(backend, name)
+    if path is None:
+        return _missing(backend, name)
     out_dir = Path(folder.strip()) if folder and folder.strip() else default_export_dir(backend)
     try:
-        written = export_embedding(paths[0], to, out_dir, overwrite=bool(overwrite))
+        written = export_embedding(path, to, out_dir, overwrite=bool(overwrite))
     except (ValueError, OSError) as error:
         return _error(error)
     text = _status(f"Exported {name} as {to}: {', '.join(str(path) for path in written)}", "ok")
@@ -335,16 +335,25 @@ def page_load_action(backend: Backend):
     return (_dropdown_names(backend), *library_action(backend))
 
 
-def inspect_action(backend: Backend, name: str | None) -> str:
+def _embedding_file(backend: Backend, name: str) -> Path | None:
+    """The file the picker's `name` stands for (the first, as the web UIs load the first of a name)."""
     from ti_core.formats import list_embeddings
 
+    return next((path for path in list_embeddings(backend.embeddings_dir) if path.stem == name), None)
+
+
+def _missing(backend: Backend, name: str) -> str:
+    return _status(f"No embedding named {name} in {backend.embeddings_dir}; press Refresh.", "error")
+
+
+def inspect_action(backend: Backend, name: str | None) -> str:
     if not name:
         return _status("Pick an embedding to inspect.")
-    paths = [path for path in list_embeddings(backend.embeddings_dir) if path.stem == name]
-    if not paths:
-        return _status(f"No embedding named {name} in {backend.embeddings_dir}; press Refresh.", "error")
+    path = _embedding_file(backend, name)
+    if path is None:
+        return _missing(backend, name)
     try:
-        return inspect_html(paths[0], backend.loaded_model())
+        return inspect_html(path, backend.loaded_model())
     except ValueError as error:
         return _error(error)
 

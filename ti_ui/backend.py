@@ -114,26 +114,26 @@ class StandaloneBackend(Backend):
         self._sources: dict[str, str] = {}
         if model:
             self._given[model] = model
-        found = self._find()
+        found = self._found()
         self.selected: str | None = model if model else default_entry(found).label
-        self.model_choices()
 
-    def _find(self):
-        from ti_core.discovery import find_models
+    def _found(self):
+        """Scan for models (Refresh asks again) and remember every picker label's source."""
+        from ti_core.discovery import find_models, picker_entries
 
         start, home, hf_cache = self._search
-        return find_models(start, home, [self.models_dir] if self.models_dir else [], hf_cache)
+        found = find_models(start, home, [self.models_dir] if self.models_dir else [], hf_cache)
+        self._sources = dict(self._given)
+        for entry in picker_entries(found):
+            self._sources.setdefault(entry.label, entry.source)
+        return found
 
-    def model_choices(self) -> list[str]:
+    def model_choices(self, rescan: bool = True) -> list[str]:
         """The --model source and typed ones, the models found (--models-dir, web UI and ComfyUI folders, the
-        Hugging Face cache), and last the demo model, as dropdown labels."""
-        from ti_core.discovery import picker_entries
-
-        sources = dict(self._given)
-        for entry in picker_entries(self._find()):
-            sources.setdefault(entry.label, entry.source)
-        self._sources = sources
-        return list(sources)
+        Hugging Face cache), and last the demo model, as dropdown labels; `rescan=False`: as last found."""
+        if rescan:
+            self._found()
+        return list(self._sources)
 
     def select_model(self, label: str | None) -> str:
         """Pick a model by its label, or a typed path or hub id; it is loaded when first needed."""
@@ -174,7 +174,7 @@ class StandaloneBackend(Backend):
 
         if self._model is None and is_demo(self._sources.get(self.selected or "", self.selected)):
             return 64  # the demo model's own size, known without building it
-        return super().default_resolution() if self._model is not None else 512
+        return super().default_resolution()
 
     def model_label(self) -> str:
         return self.selected or "no model"

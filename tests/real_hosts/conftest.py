@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from a1111_kit import BASELINE_PROMPT, DEST_ENV, PORT_ENV, InstallRun, Kit, Server, default_dest, kit_folder, required
-from ui_helpers import free_port, launch_browser, loopback_only, make_dataset, require_chromium, require_module
+from ui_helpers import chromium_browser, free_port, loopback_only, make_dataset
 
 
 @dataclass
@@ -141,12 +141,8 @@ def webui(kit, installed, workspace, facts, request) -> Server:
 
 @pytest.fixture(scope="session")
 def browser():
-    executable = require_chromium()
-    sync_api = require_module("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        browser = launch_browser(playwright, executable)
+    with chromium_browser() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="session")

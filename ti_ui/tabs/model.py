@@ -11,7 +11,7 @@ from ..render import _status
 
 def _model_row(backend: StandaloneBackend) -> None:
     with gr.Row():
-        choices = backend.model_choices()
+        choices = backend.model_choices(rescan=False)  # the start-up scan is a moment old
         picker = _make(
             gr.Dropdown,
             choices=choices,
