@@ -51,6 +51,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 
 from bench.arch import ARCHES, save_pipeline  # noqa: E402
 from bench.reference_diffusers_ti import DiffusersTextualInversion, Levers  # noqa: E402
@@ -59,6 +60,7 @@ from ti_core.data import Batch  # noqa: E402
 DEFAULT_RESOLUTION = {"tiny": 64, "tiny-sdxl": 64, "small": 128, "sd15": 512, "sdxl": 1024}
 INIT_WORD = "toy"  # one CLIP token, as the example requires of --initializer_token
 LEARNING_RATE = 5e-3
+COMPILED = "ours --compile"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,6 +190,7 @@ class Row:
     turns: list[Turn] = field(default_factory=list)
     flops_per_step: float | None = None
     weights: int | None = None  # bytes of the trainer's model on the device
+    first_turn_seconds: float = 0.0  # the untimed first turn (with --compile: where the compiling happens)
 
     @property
     def rate(self) -> float:
@@ -290,13 +293,25 @@ class Ours:
     label = "ours"
 
     def __init__(
-        self, folder: Path, images: Path, work: Path, args, batch: int, *, mixed_precision=None, name="bench-ours"
+        self,
+        folder: Path,
+        images: Path,
+        work: Path,
+        args,
+        batch: int,
+        *,
+        mixed_precision=None,
+        name="bench-ours",
+        compile: bool = False,
     ):
         from ti_core.models import load_model
 
         self.device = torch.device(args.device)
         self.args, self.images, self.work, self.batch, self.name = args, images, work, batch, name
         self.mixed_precision = mixed_precision or args.mixed_precision
+        self.compile = compile  # TrainConfig.compile, the users' `--compile`
+        if compile:
+            self.label = COMPILED
         self.model = load_model(folder)
         _to_device(self.model, self.device)
 
@@ -329,6 +344,7 @@ class Ours:
             preview_every=0,
             preview_steps=1,  # the end-of-run card image: outside the timed window, kept short
             save_optimizer_state=False,
+            compile=self.compile,
         )
 
     def run(self, steps: int, *, log_dir: Path | None = None, on_step=None) -> list[float]:
@@ -522,7 +538,9 @@ def alternate(trainers: list, args, batch: int) -> list[Row]:
     rows = [Row(trainer.label, batch) for trainer in trainers]
     device = torch.device(args.device)
     for trainer, row in zip(trainers, rows, strict=True):  # one untimed turn each: kernel selection, caches
+        began = time.perf_counter()
         trainer.run(max(args.warmup, 1))
+        row.first_turn_seconds = time.perf_counter() - began
         row.weights = trainer.weights()  # after the turn: our train() casts the frozen weights on a GPU
     for _round in range(args.repeats):
         for trainer, row in zip(trainers, rows, strict=True):
@@ -561,6 +579,34 @@ def soak(ours: Ours, steps: int, device: torch.device) -> dict:
         "growth_bytes": last - first,
         "flat": abs(last - first) <= max(16 << 20, 0.01 * first),
     }
+
+
+def whole_run(folder: Path, images: Path, work: Path, args, batch: int, steps: int) -> dict:
+    """Seconds from nothing loaded to the end of step `steps`, as a user's run takes them: the model loaded from
+    disk, our latent encoding (a fresh run folder: cold latent cache) or the reference's set-up, and with
+    `--compile` the compiling, once with an empty inductor cache (a user's first compiled run) and once with the
+    cache it left on disk (every later run; dynamo's in-process cache is reset in between, as a new process has
+    none). Measured before anything else in the process compiles."""
+
+    def ours(label: str, compile: bool) -> dict:
+        began = time.perf_counter()
+        trainer = Ours(folder, images, work, args, batch, name="bench-whole", compile=compile)
+        times = trainer.run(steps, log_dir=work / f"whole-{re.sub(r'[^a-z]+', '-', label)}")
+        return {"seconds": times[-1][0] - began, "first_step_seconds": times[0][0] - began}
+
+    def reference() -> dict:
+        began = time.perf_counter()
+        times = Reference(folder, images, args, batch).run(steps)
+        return {"seconds": times[-1][0] - began, "first_step_seconds": times[0][0] - began}
+
+    results = {"reference": reference(), "ours": ours("ours", False)}
+    if args.compile:
+        torch._dynamo.reset()
+        results["ours --compile, empty compile cache"] = ours("cold", True)
+        torch._dynamo.reset()
+        results["ours --compile, compile cache on disk"] = ours("warm", True)
+    gc.collect()
+    return results
 
 
 def ablation_variants(folder: Path, images: Path, work: Path, args, batch: int) -> list:
@@ -668,6 +714,19 @@ def print_ratios(rows: list[Row], ours_row: Row, ref_row: Row, args) -> dict:
         ratios["cpu_paired"] = statistics.median(a.cpu_rate / b.cpu_rate for a, b in pairs)
         line += f"; {ratios['cpu']:.2f}x steps/CPU-s (paired {ratios['cpu_paired']:.2f}x)"
     print(line)
+    compiled = next((row for row in rows if row.trainer == COMPILED), None)
+    if compiled is not None:
+        pairs = list(zip(compiled.turns, ref_row.turns, strict=True))
+        ratios["compiled_wall"] = compiled.rate / ref_row.rate
+        line = f"ratio {COMPILED} / reference, batch {compiled.batch}: {ratios['compiled_wall']:.2f}x steps/s"
+        if args.device == "cpu":
+            ratios["compiled_cpu"] = compiled.cpu_rate / ref_row.cpu_rate
+            ratios["compiled_cpu_paired"] = statistics.median(a.cpu_rate / b.cpu_rate for a, b in pairs)
+            line += f"; {ratios['compiled_cpu']:.2f}x steps/CPU-s (paired {ratios['compiled_cpu_paired']:.2f}x)"
+        if not args.whole_run:  # after the whole run this process has compiled already: see there
+            eager_first = ours_row.first_turn_seconds
+            line += f"; first turn {compiled.first_turn_seconds:.0f} s (eager {eager_first:.1f} s): the compiling"
+        print(line)
     if args.ablate:
         for row in rows:
             if row is not ref_row:
@@ -720,7 +779,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="turns per trainer (alternating)")
     parser.add_argument("--images", type=int, default=8, help="training images")
     parser.add_argument("--ablate", action="store_true", help="the reference with one speed lever at a time")
-    parser.add_argument("--compile", action="store_true", help="with --ablate: also the reference with torch.compile")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also ours with `compile` on (the users' --compile; its first turn's compiling reported apart);"
+        " with --ablate: the reference and ours with torch.compile of the UNet",
+    )
+    parser.add_argument(
+        "--whole-run",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also the whole run of STEPS steps (load + caching + compiling + steps) for each trainer",
+    )
     parser.add_argument(
         "--variants", help="with --ablate: only these variants (comma-separated labels; the script is always run)"
     )
@@ -771,6 +842,20 @@ def main(argv: list[str] | None = None) -> int:
         images = make_images(work / f"images-{args.images}x{size}", args.images, size)
         print(f"model and images ready in {time.perf_counter() - began:.1f} s", flush=True)
 
+        if args.whole_run:
+            if args.compile:  # the first compiled run starts from an empty inductor cache, as a user's does
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-cache-{time.time_ns()}")
+            whole = whole_run(folder, images, work, args, batches[0], args.whole_run)
+            report["whole_run"] = whole
+            print(f"\nwhole run of {args.whole_run} steps, batch {batches[0]} (load + set-up + compiling + steps):")
+            for key, value in whole.items():
+                ratio = whole["reference"]["seconds"] / value["seconds"]
+                print(
+                    f"  {key:<40} {value['seconds']:8.1f} s ({ratio:.2f}x the reference's speed;"
+                    f" first step at {value['first_step_seconds']:.1f} s)",
+                    flush=True,
+                )
+
         if not args.no_ttfs:
             ttfs = time_to_first_step(folder, images, work, args, batches[0])
             report["time_to_first_step"] = ttfs
@@ -795,6 +880,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 ours = Ours(folder, images, work, args, batch)
                 trainers = [ours, Reference(folder, images, args, batch), ForwardBackwardOnly(ours)]
+                if args.compile:
+                    # Each batch size compiles as a run of its own would: after a batch-size change dynamo would
+                    # recompile with symbolic shapes, which no single run does.
+                    torch._dynamo.reset()
+                    trainers.append(Ours(folder, images, work, args, batch, name="bench-compiled", compile=True))
             rows = alternate(trainers, args, batch)
             if not args.no_flops:
                 for trainer, row in zip(trainers, rows, strict=True):

@@ -22,6 +22,7 @@ def test_bench_train_smoke(tmp_path):
         "--warmup", "1",
         "--repeats", "1",
         "--images", "2",
+        "--whole-run", "3",
         "--workdir", str(tmp_path / "work"),
         "--json", str(result_file),
     ]  # fmt: skip
@@ -35,12 +36,14 @@ def test_bench_train_smoke(tmp_path):
     assert re.search(r"^forward\+backward only\s+1\s+\d+\.\d+", out, re.MULTILINE), out
     assert re.search(r"can exceed \d+\.\d+x the reference; ours runs at \d+% of that rate", out), out
     assert "time to first step" in out
+    assert re.search(r"whole run of 3 steps.*\n  reference +\d+\.\d s.*\n  ours +\d+\.\d s \(\d+\.\d\dx", out), out
     report = json.loads(result_file.read_text())
     rows = {row["trainer"]: row for row in report["rows"]}
     assert rows["ours"]["steps_per_second"] > 0 and rows["reference"]["steps_per_second"] > 0
     assert report["ratios"]["1"]["wall"] > 0
     assert report["ratios"]["1"]["floor"]["ceiling"] > 0
     assert rows["forward+backward only"]["flops_per_step"] > 0
+    assert 0 < report["whole_run"]["ours"]["first_step_seconds"] <= report["whole_run"]["ours"]["seconds"]
 
 
 def test_cpu_memory_probe_sees_a_transient_peak_without_a_sampling_thread():

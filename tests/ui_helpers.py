@@ -193,6 +193,23 @@ class UiPage:
         field.blur()  # a dropdown opens on focus: a later click on a still-focused one would not open it
         return texts
 
+    def choose(self, elem_id: str, option: str, timeout: float = 30) -> None:
+        """Pick `option` in a dropdown as a person does (open it, click the choice) and wait until the
+        dropdown shows it: a typed filter plus Enter can land on another choice while the list re-renders."""
+        deadline = time.monotonic() + timeout
+        field = self.page.locator(f"#{elem_id} input").first
+        while self.dropdown_value(elem_id) != option:
+            assert time.monotonic() < deadline, f"#{elem_id} never took {option!r}"
+            field.click()
+            choice = self.page.locator(f"#{elem_id} li").filter(has_text=option)
+            exact = [i for i, t in enumerate(choice.all_inner_texts()) if t.replace("✓", "").strip() == option]
+            if exact:
+                choice.nth(exact[0]).click()
+            else:
+                self.page.keyboard.press("Escape")
+            field.blur()
+            self.page.wait_for_timeout(300)
+
     def plot_tooltip(self, elem_id: str, timeout: float = 30) -> str:
         """Hover over a gradio plot (Vega draws it on a canvas on gradio 3, as SVG on 4+) until the tooltip
         shows a point's values; returns the tooltip's text."""

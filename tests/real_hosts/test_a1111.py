@@ -138,10 +138,7 @@ def test_train_in_the_tab_writes_the_file_previews_and_loss_plot(page, webui, wo
     page.open_ours()
     page.tab("Train")
     page.click("ti_train_refresh")
-    page.page.wait_for_timeout(1000)
-    if page.dropdown_value("ti_train_embedding") != TOKEN:
-        page.page.locator("#ti_train_embedding input").first.fill(TOKEN)
-        page.page.keyboard.press("Enter")
+    page.choose("ti_train_embedding", TOKEN)
     page.fill("ti_train_dataset", workspace["data"])
     page.fill("ti_train_steps", 4)
     page.fill("ti_train_resolution", 64)
