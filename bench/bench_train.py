@@ -502,6 +502,14 @@ def step_flops(trainer) -> float:
 # The benchmark
 
 
+def from_nothing(make, steps: int, **run) -> dict:
+    """Build a trainer with `make()` (its model loaded from disk) and run `steps` steps: seconds from the start to
+    the end of the first and of the last step."""
+    began = time.perf_counter()
+    times = make().run(steps, **run)
+    return {"seconds": times[-1][0] - began, "first_step_seconds": times[0][0] - began}
+
+
 def time_to_first_step(folder: Path, images: Path, work: Path, args, batch: int) -> dict:
     """Seconds from loading the model off disk to the end of the first training step. Ours with a cold
     latent cache (a fresh run folder) and a warm one; the reference encodes nothing up front. Small models:
@@ -509,13 +517,11 @@ def time_to_first_step(folder: Path, images: Path, work: Path, args, batch: int)
     device = torch.device(args.device)
 
     def ours(log_dir: Path) -> float:
-        began = time.perf_counter()
-        trainer = Ours(folder, images, work, args, batch, name="bench-ttfs")
-        return trainer.run(1, log_dir=log_dir)[0][0] - began
+        make = lambda: Ours(folder, images, work, args, batch, name="bench-ttfs")  # noqa: E731
+        return from_nothing(make, 1, log_dir=log_dir)["first_step_seconds"]
 
     def reference() -> float:
-        began = time.perf_counter()
-        return Reference(folder, images, args, batch).run(1)[0][0] - began
+        return from_nothing(lambda: Reference(folder, images, args, batch), 1)["first_step_seconds"]
 
     big = args.arch in ("sd15", "sdxl")  # one pass: each costs minutes
     results: dict[str, list[float]] = {"ours (cold latent cache)": [], "ours (warm latent cache)": [], "reference": []}
@@ -589,17 +595,11 @@ def whole_run(folder: Path, images: Path, work: Path, args, batch: int, steps: i
     none). Measured before anything else in the process compiles."""
 
     def ours(label: str, compile: bool) -> dict:
-        began = time.perf_counter()
-        trainer = Ours(folder, images, work, args, batch, name="bench-whole", compile=compile)
-        times = trainer.run(steps, log_dir=work / f"whole-{re.sub(r'[^a-z]+', '-', label)}")
-        return {"seconds": times[-1][0] - began, "first_step_seconds": times[0][0] - began}
+        make = lambda: Ours(folder, images, work, args, batch, name="bench-whole", compile=compile)  # noqa: E731
+        return from_nothing(make, steps, log_dir=work / f"whole-{label}")
 
-    def reference() -> dict:
-        began = time.perf_counter()
-        times = Reference(folder, images, args, batch).run(steps)
-        return {"seconds": times[-1][0] - began, "first_step_seconds": times[0][0] - began}
-
-    results = {"reference": reference(), "ours": ours("ours", False)}
+    results = {"reference": from_nothing(lambda: Reference(folder, images, args, batch), steps)}
+    results["ours"] = ours("ours", False)
     if args.compile:
         torch._dynamo.reset()
         results["ours --compile, empty compile cache"] = ours("cold", True)
@@ -700,33 +700,30 @@ def print_table(rows: list[Row], args, peak_flops: float | None) -> None:
         )
 
 
-def print_ratios(rows: list[Row], ours_row: Row, ref_row: Row, args) -> dict:
-    """ours / reference: ratio of the medians, and the median of the per-turn (paired) ratios."""
-    pairs = list(zip(ours_row.turns, ref_row.turns, strict=True))
-    ratios = {
-        "wall": ours_row.rate / ref_row.rate,
-        "wall_paired": statistics.median(a.rate / b.rate for a, b in pairs),
-    }
-    line = f"ratio ours / reference, batch {ours_row.batch}: {ratios['wall']:.2f}x steps/s"
+def _ratio_line(row: Row, ref_row: Row, args, note: str = "") -> dict:
+    """Print and return `row` / reference: the ratio of the medians, and the median of the per-turn ratios."""
+    pairs = list(zip(row.turns, ref_row.turns, strict=True))
+    ratios = {"wall": row.rate / ref_row.rate, "wall_paired": statistics.median(a.rate / b.rate for a, b in pairs)}
+    line = f"ratio {row.trainer} / reference, batch {row.batch}: {ratios['wall']:.2f}x steps/s"
     line += f" (median of per-turn ratios {ratios['wall_paired']:.2f}x)"
     if args.device == "cpu":
-        ratios["cpu"] = ours_row.cpu_rate / ref_row.cpu_rate
+        ratios["cpu"] = row.cpu_rate / ref_row.cpu_rate
         ratios["cpu_paired"] = statistics.median(a.cpu_rate / b.cpu_rate for a, b in pairs)
         line += f"; {ratios['cpu']:.2f}x steps/CPU-s (paired {ratios['cpu_paired']:.2f}x)"
-    print(line)
+    print(line + note)
+    return ratios
+
+
+def print_ratios(rows: list[Row], ours_row: Row, ref_row: Row, args) -> dict:
+    """ours / reference: ratio of the medians, and the median of the per-turn (paired) ratios."""
+    ratios = _ratio_line(ours_row, ref_row, args)
     compiled = next((row for row in rows if row.trainer == COMPILED), None)
     if compiled is not None:
-        pairs = list(zip(compiled.turns, ref_row.turns, strict=True))
-        ratios["compiled_wall"] = compiled.rate / ref_row.rate
-        line = f"ratio {COMPILED} / reference, batch {compiled.batch}: {ratios['compiled_wall']:.2f}x steps/s"
-        if args.device == "cpu":
-            ratios["compiled_cpu"] = compiled.cpu_rate / ref_row.cpu_rate
-            ratios["compiled_cpu_paired"] = statistics.median(a.cpu_rate / b.cpu_rate for a, b in pairs)
-            line += f"; {ratios['compiled_cpu']:.2f}x steps/CPU-s (paired {ratios['compiled_cpu_paired']:.2f}x)"
+        note = ""
         if not args.whole_run:  # after the whole run this process has compiled already: see there
             eager_first = ours_row.first_turn_seconds
-            line += f"; first turn {compiled.first_turn_seconds:.0f} s (eager {eager_first:.1f} s): the compiling"
-        print(line)
+            note = f"; first turn {compiled.first_turn_seconds:.0f} s (eager {eager_first:.1f} s): the compiling"
+        ratios |= {f"compiled_{key}": value for key, value in _ratio_line(compiled, ref_row, args, note).items()}
     if args.ablate:
         for row in rows:
             if row is not ref_row:

@@ -501,8 +501,7 @@ def test_export_button_writes_the_file_and_shows_the_diffusers_lines(ui, app, ti
     ui.tab("Embeddings")
     ui.click("ti_embeddings_refresh")
     ui.page.locator("#ti_inspect").get_by_text("Inspect and export").first.click()
-    _wait_for_option(ui, "ti_inspect_name", "ui-export")
-    ui.choose("ti_inspect_name", "ui-export")
+    ui.choose("ti_inspect_name", "ui-export")  # waits until the page offers it
     ui.fill("ti_export_dir", str(app["root"] / "exports"))
     ui.click("ti_export_button")
     status = ui.wait_text("ti_export_status", r"Exported ui-export as diffusers")

@@ -109,6 +109,11 @@ def loopback_only(page) -> None:
     )
 
 
+def _option_text(text: str) -> str:
+    """A dropdown choice's text without the tick gradio puts before the selected one."""
+    return text.replace("✓", "").strip()
+
+
 class UiPage:
     """A page of the app, driven by elem_id."""
 
@@ -188,7 +193,7 @@ class UiPage:
         field.click()
         options = self.page.locator(f"#{elem_id} li")
         options.first.wait_for(timeout=10_000)
-        texts = [text.replace("✓", "").strip() for text in options.all_inner_texts()]
+        texts = [_option_text(text) for text in options.all_inner_texts()]
         self.page.keyboard.press("Escape")
         field.blur()  # a dropdown opens on focus: a later click on a still-focused one would not open it
         return texts
@@ -202,7 +207,7 @@ class UiPage:
             assert time.monotonic() < deadline, f"#{elem_id} never took {option!r}"
             field.click()
             choice = self.page.locator(f"#{elem_id} li").filter(has_text=option)
-            exact = [i for i, t in enumerate(choice.all_inner_texts()) if t.replace("✓", "").strip() == option]
+            exact = [i for i, text in enumerate(choice.all_inner_texts()) if _option_text(text) == option]
             if exact:
                 choice.nth(exact[0]).click()
             else:
