@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,9 +156,8 @@ model:
 """
 
 
-@pytest.fixture(scope="module")
-def checkpoint_with_yaml(tmp_path_factory):
-    """A small SD1 checkpoint (real CLIP-L text encoder, small UNet and VAE), as A1111 users keep such models."""
+def _checkpoint_of_yaml(original_yaml: str, path: Path):
+    """An SD1 checkpoint (real CLIP-L text encoder, UNet and VAE as the yaml describes them) saved at `path`."""
     import yaml
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -168,7 +169,7 @@ def checkpoint_with_yaml(tmp_path_factory):
     from ti_core.single_file import skeleton_for
     from ti_core.vocab import clip_tokenizer
 
-    original = yaml.safe_load(TINY_LDM_YAML)
+    original = yaml.safe_load(original_yaml)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(original, {}))
     vae = AutoencoderKL(**create_vae_diffusers_config_from_ldm(original, {}))
@@ -183,8 +184,13 @@ def checkpoint_with_yaml(tmp_path_factory):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    path = save_ldm_checkpoint(pipeline_to_ldm(pipeline, "sd1"), tmp_path_factory.mktemp("yaml") / "small.safetensors")
-    return path, pipeline
+    return save_ldm_checkpoint(pipeline_to_ldm(pipeline, "sd1"), path), pipeline
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_yaml(tmp_path_factory):
+    """A small SD1 checkpoint (real CLIP-L text encoder, small UNet and VAE), as A1111 users keep such models."""
+    return _checkpoint_of_yaml(TINY_LDM_YAML, tmp_path_factory.mktemp("yaml") / "small.safetensors")
 
 
 def test_a_checkpoint_loads_through_the_yaml_beside_it(checkpoint_with_yaml):
@@ -291,3 +297,34 @@ def test_a_run_in_the_web_ui_trains_on_its_model_and_leaves_it_as_it_was(a1111_w
     assert {name: p.requires_grad for name, p in sd_model.named_parameters()} == requires_grad
     # The web UI's model stayed where it was: nothing was sent to the CPU and back.
     assert not {"send_model_to_cpu", "unload_model_weights", "unload_all_models"} & set(host.record.names())
+
+
+# SD1's base width, cross-attention and text widths, but two levels that do not widen and one res block per
+# level: the sizes that are compared first all match the standard config, the blocks do not.
+SD_WIDTH_OTHER_BLOCKS_YAML = (
+    TINY_LDM_YAML.replace("model_channels: 32", "model_channels: 320")
+    .replace("channel_mult: [ 1, 2, 4, 4 ]", "channel_mult: [ 1, 1 ]")
+    .replace("attention_resolutions: [ 4, 2, 1 ]", "attention_resolutions: [ 2 ]")
+)
+
+
+def test_a_checkpoint_with_sd_widths_but_other_blocks_is_built_from_its_yaml(tmp_path):
+    path, pipeline = _checkpoint_of_yaml(SD_WIDTH_OTHER_BLOCKS_YAML, tmp_path / "same-width.safetensors")
+    assert pipeline.unet.config.block_out_channels[0] == 320  # as wide as SD1 where the old check looked
+
+    with pytest.raises(ModelLoadError, match="does not fit the model config") as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert "\n" not in message and ".yaml" in message
+    # it names the first weight whose shape differs, with both shapes
+    assert re.search(
+        r"model\.diffusion_model\.\S+ is \([\d, ]+\) in the checkpoint, \([\d, ]+\) in the config", message
+    )
+
+    path.with_suffix(".yaml").write_text(SD_WIDTH_OTHER_BLOCKS_YAML, encoding="utf-8")
+    model = load_model(path)
+    assert model.unet.config.block_out_channels == pipeline.unet.config.block_out_channels
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.unet(latents, 5, context).sample, pipeline.unet(latents, 5, context).sample)

@@ -38,6 +38,9 @@ from .ldm_keys import (
     SDXL_CLIP_L_PREFIX,
     SGM_FIRST_OPENCLIP_PREFIX,
     UNET_PREFIX,
+    VAE_PREFIX,
+    unet_key,
+    vae_key,
 )
 from .models import ModelLoadError
 
@@ -52,6 +55,7 @@ SKELETONS = {
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 NOT_SD = "is not an SD1/SD2/SDXL checkpoint"
+LOSS_PREFIX = VAE_PREFIX + "loss."
 
 
 def skeleton_for(architecture: str, prediction_type: str | None = None) -> Path:
@@ -422,8 +426,56 @@ def _load_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _comparable(shape: Sequence[int]) -> tuple[int, ...]:
+    """A shape with 1x1 kernel dimensions dropped: LDM stores some linear layers as 1x1 convolutions (SD1's
+    transformer projections, the VAE's attention) and the converters reshape them either way."""
+    shape = tuple(shape)
+    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
+
+
+@cache
+def _expected_shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    """The original-layout key -> shape of the UNet and VAE the config folder describes (built on the meta
+    device: no memory, a fraction of a second)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    path = Path(folder)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(_load_json(path / "unet" / "config.json"))
+        vae = AutoencoderKL.from_config(_load_json(path / "vae" / "config.json"))
+    shapes = {UNET_PREFIX + unet_key(name, unet.config): tuple(t.shape) for name, t in unet.state_dict().items()}
+    shapes.update({VAE_PREFIX + vae_key(name, vae.config): tuple(t.shape) for name, t in vae.state_dict().items()})
+    return shapes
+
+
+def first_shape_difference(shapes: Mapping[str, Sequence[int]], folder: Path) -> str | None:
+    """The first UNet or VAE weight whose shape (or presence) differs between the checkpoint and the config
+    folder, in words; None when every one matches. Only parts the checkpoint carries are compared."""
+    expected = _expected_shapes(str(folder))
+    for prefix, part in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE")):
+        # A VAE saved from training may carry its discriminator (`loss.`); nothing builds it.
+        stored = {k: shape for k, shape in shapes.items() if k.startswith(prefix) and not k.startswith(LOSS_PREFIX)}
+        if not stored:
+            continue
+        wanted = {key: shape for key, shape in expected.items() if key.startswith(prefix)}
+        # A differing shape says more than a missing key (which follows from it), so it is named first.
+        for key in sorted(wanted.keys() & stored.keys()):
+            if _comparable(stored[key]) != _comparable(wanted[key]):
+                return f"{key} is {tuple(stored[key])} in the checkpoint, {tuple(wanted[key])} in the config"
+        if missing := sorted(wanted.keys() - stored.keys()):
+            return f"the checkpoint has no {missing[0]} (one of {len(missing)} {part} weights of the config it lacks)"
+        if extra := sorted(stored.keys() - wanted.keys()):
+            return f"the checkpoint has {extra[0]} (one of {len(extra)} {part} weights the config does not have)"
+    return None
+
+
 def check_fits(shapes: Mapping[str, Sequence[int]], architecture: str, folder: Path, source: str | Path) -> None:
-    """A clear error when the checkpoint's sizes do not match the config folder it would be built from."""
+    """A clear error when the checkpoint's sizes do not match the config folder it would be built from.
+
+    Every UNet and VAE weight is compared (a model can share SD's widths and differ in channel multipliers or
+    block counts); the text encoders by width.
+    """
     try:
         index = _load_json(folder / "model_index.json")
         unet = _load_json(folder / "unet" / "config.json")
@@ -450,6 +502,13 @@ def check_fits(shapes: Mapping[str, Sequence[int]], architecture: str, folder: P
     found = _text_widths(shapes, architecture)
     if found != widths:
         problems.append(f"text encoder width {found} vs {widths}")
+    if not problems:
+        try:
+            difference = first_shape_difference(shapes, folder)
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"{folder}: not a usable diffusers config folder for {source}: {error}") from None
+        if difference:
+            problems.append(difference)
     if problems:
         error = ModelLoadError(
             f"{source} does not fit the model config {folder}: {'; '.join(problems)}",
