@@ -67,6 +67,7 @@ def on_ui_settings():
 
 
 def on_app_started(_demo, app):
+    backend.host.app = app  # Forge's API keeps an embedding database of its own, found through the app
     routes.register(app, backend, getattr(shared.cmd_opts, "api_auth", None))
 
 

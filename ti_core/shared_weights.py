@@ -51,6 +51,18 @@ def strip_wrappers(state_dict: Tensors) -> dict[str, torch.Tensor]:
     return {key.replace(".wrapped.", "."): value for key, value in state_dict.items()}
 
 
+def autograd_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, or where it was made under ``torch.inference_mode`` (Forge loads its models so), a
+    normal tensor over the same memory: autograd refuses to save inference tensors for the backward pass,
+    and the gradient of a frozen layer's input needs its weight. No copy; the memory is never written."""
+    if not torch.is_inference(tensor):
+        return tensor
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    with torch.no_grad():
+        alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+    return alias
+
+
 def original_config_from_yaml(path: Path) -> dict[str, Any]:
     """An original LDM/SGM config (`<checkpoint>.yaml`) as a dict; a one-line error when it is unreadable."""
     import yaml
@@ -68,11 +80,12 @@ def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _configs(state_dict: Tensors, architecture: str, prediction_type, folder: Path | None, original_config, source):
+def _configs(
+    state_dict: Tensors, shapes, architecture: str, prediction_type, folder: Path | None, original_config, source
+):
     """The diffusers configs to build: the config folder's (the shipped skeleton by default), or for UNet and
     VAE the original config's when the weights do not fit the folder."""
     folder = Path(folder) if folder is not None else skeleton_for(architecture, prediction_type)
-    shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
     configs = {name: _json(folder / name / "config.json") for name in ("unet", "vae", "text_encoder")}
     if architecture == "sdxl":
         configs["text_encoder_2"] = _json(folder / "text_encoder_2" / "config.json")
@@ -173,6 +186,20 @@ def _openclip_lookup(state_dict: Tensors, prefix: str) -> Callable[[str], torch.
     return lookup
 
 
+def _transformers_lookup(tensors: Tensors) -> Callable[[str], torch.Tensor | None]:
+    """A transformers CLIP key -> the tensor of a transformers CLIP state dict (with or without the
+    ``text_model.`` level, which transformers >= 5.6 drops)."""
+
+    def lookup(name: str) -> torch.Tensor | None:
+        found = tensors.get(name)
+        if found is None:
+            other = name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}"
+            found = tensors.get(other)
+        return found
+
+    return lookup
+
+
 def _vae_lookup(state_dict: Tensors, config: Mapping[str, Any]) -> Callable[[str], torch.Tensor | None]:
     def lookup(name: str) -> torch.Tensor | None:
         stored = vae_key(name, config)
@@ -212,6 +239,32 @@ TEXT_ENCODERS = {
 }
 
 
+# Where each text encoder's token embedding sits in the original layout (detection and width checks read it).
+_TOKEN_EMBEDDING_KEYS = {
+    "clip_l": [SD1_CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"],
+    "clip_h": [SD2_OPENCLIP_PREFIX + "token_embedding.weight"],
+}
+
+
+def _text_encoder_shapes(text_encoders: Mapping[str, Tensors]) -> dict[str, tuple[int, ...]]:
+    """The original-layout token-embedding shapes of text encoders given in the transformers layout."""
+    found = {}
+    for key, tensors in text_encoders.items():
+        lookup = _transformers_lookup(tensors)
+        embedding = lookup("text_model.embeddings.token_embedding.weight")
+        if embedding is None:
+            raise ModelLoadError(f"the {key} text encoder has no token embedding")
+        if key == "clip_g" or (key == "clip_l" and "clip_g" in text_encoders):
+            names = [
+                (SDXL_CLIP_G_PREFIX if key == "clip_g" else SDXL_CLIP_L_PREFIX)
+                + ("token_embedding.weight" if key == "clip_g" else "text_model.embeddings.token_embedding.weight")
+            ]
+        else:
+            names = _TOKEN_EMBEDDING_KEYS[key]
+        found.update({name: tuple(embedding.shape) for name in names})
+    return found
+
+
 def model_from_tensors(
     state_dict: Tensors,
     *,
@@ -220,12 +273,15 @@ def model_from_tensors(
     prediction_type: str | None = None,
     config: Path | None = None,
     original_config: Mapping[str, Any] | None = None,
+    text_encoders: Mapping[str, Tensors] | None = None,
 ) -> TIModel:
     """A TIModel whose UNet, VAE and text encoders use the tensors of an original-layout state dict.
 
     ``config`` is a diffusers config folder (the shipped SD1/SD2/SDXL skeletons by default);
     ``original_config`` (a parsed `<checkpoint>.yaml`) describes UNet and VAE when they fit none of the
-    shipped configs. The tensors keep their device and dtype; none is copied or written.
+    shipped configs. ``text_encoders`` gives text encoders in the transformers CLIP layout instead, by key
+    (``clip_l``, ``clip_g``, ``clip_h``), as Forge and diffusers hold them. The tensors keep their device and
+    dtype; none is copied or written.
     """
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -233,10 +289,12 @@ def model_from_tensors(
 
     from .single_file import _tokenizers
 
+    text_encoders = dict(text_encoders or {})
     shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+    shapes.update(_text_encoder_shapes(text_encoders))
     architecture = detect_architecture(shapes, source)
     state_dict = normalize_keys(dict(state_dict), architecture)
-    configs = _configs(state_dict, architecture, prediction_type, config, original_config, source)
+    configs = _configs(state_dict, shapes, architecture, prediction_type, config, original_config, source)
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(configs["unet"])
@@ -249,7 +307,12 @@ def model_from_tensors(
         TextEncoder(
             key,
             tokenizers[tokenizer],
-            _text_encoder(configs[part], projection, lookup(state_dict, prefix), f"{source} ({key})"),
+            _text_encoder(
+                configs[part],
+                projection,
+                _transformers_lookup(text_encoders[key]) if key in text_encoders else lookup(state_dict, prefix),
+                f"{source} ({key})",
+            ),
         )
         for key, tokenizer, part, projection, lookup, prefix in TEXT_ENCODERS[architecture]
     ]

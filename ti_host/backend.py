@@ -159,7 +159,7 @@ class HostBackend(Backend):
         owner = self._owner_ref() if self._owner_ref is not None else None
         if owner is None or owner is not self.host.loaded_model():
             return False
-        first = next(owner.parameters(), None)
+        first = self.host.first_weight(owner)
         return first is not None and first.data_ptr() == self._owner_probe
 
     def _forget_shared(self, _gone=None) -> None:
@@ -171,10 +171,12 @@ class HostBackend(Backend):
         """A TIModel sharing the web UI's loaded tensors, or None where that is not possible."""
         from ti_core.shared_weights import model_from_tensors, original_config_from_yaml, strip_wrappers
 
-        weights = self.host.model_weights()
-        if weights is None or weights.owner is self._unshareable():
+        if self.host.loaded_model() is self._unshareable():
             return None  # the file is loaded instead (and not on every refresh: the UI asks often)
         try:
+            weights = self.host.model_weights()
+            if weights is None:
+                return None
             original = original_config_from_yaml(weights.original_config) if weights.original_config else None
             model = model_from_tensors(
                 strip_wrappers(weights.tensors),
@@ -182,17 +184,23 @@ class HostBackend(Backend):
                 file_path=path,
                 prediction_type=weights.prediction_type,
                 original_config=original,
+                text_encoders=weights.text_encoders,
             )
-        except ValueError as error:  # a layout we do not map: the file path still works
-            log.info("training on a copy of %s: the web UI's loaded model cannot be shared (%s)", path, error)
-            self._unshareable = weakref.ref(weights.owner)
+        except ValueError as error:  # a layout we do not map, quantized weights: the file path still works
+            line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            log.warning("training on a copy of %s: the web UI's loaded model cannot be shared (%s)", path, line)
+            self._unshareable = (
+                weakref.ref(self.host.loaded_model()) if self.host.loaded_model() is not None else (lambda: None)
+            )
             return None
         # Kept while the web UI's model lives (building it again on every refresh or keystroke would cost
         # a second each); dropped as soon as the web UI replaces or frees that model.
         self._owner_ref = weakref.ref(weights.owner, self._forget_shared)
-        first = next(weights.owner.parameters(), None)
+        first = self.host.first_weight(weights.owner)
         self._owner_probe = first.data_ptr() if first is not None else None
-        self._shared_model = model
+        # Where the web UI may move its tensors (Forge off --always-cpu), the aliases are held only while in
+        # use: kept, they would hold the old memory alive after a move.
+        self._shared_model = model if self.host.keeps_weights_in_place(weights.owner) else None
         return model
 
     def loaded_model(self):
@@ -258,10 +266,10 @@ class HostBackend(Backend):
             if not slot:  # interrupted while waiting: the job sees its cancel and stops before loading
                 yield
                 return
-            with host_job(self.host), Watcher(tick):
+            with host_job(self.host), Watcher(tick), self.host.model_for_training():
                 # Training on the web UI's own tensors leaves its model where it is; only a copy loaded
                 # from the file needs the room on the GPU that the web UI's model takes.
-                shared = self.host.model_weights() is not None
+                shared = self._shares_host_weights()
                 unload = not shared and bool(settings.value(self.host, "ti_trainer_unload_model"))
                 keep = _shared if shared else _kept
                 try:
@@ -277,6 +285,12 @@ class HostBackend(Backend):
                     # read it now, after its model is back, so the token works in the next generation.
                     self.reload_embeddings()
                     release_memory()
+
+    def _shares_host_weights(self) -> bool:
+        try:
+            return self.host.model_weights() is not None
+        except ValueError:  # Forge's quantized or swapped weights: the file is loaded (current_model says why)
+            return False
 
     def _say(self, message: str) -> None:
         state = self.host.state

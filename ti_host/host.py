@@ -13,15 +13,18 @@ Facts used here (see the research notes on hosts):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from . import forge
 
 log = logging.getLogger("ti_host")
 
@@ -85,6 +88,7 @@ class Host:
 
     def __init__(self, module: Callable[[str], ModuleType | None] = import_host_module) -> None:
         self._module = module
+        self.app: Any = None  # the web UI's FastAPI app, once it has started (some databases hang on it)
 
     def module(self, name: str) -> ModuleType | None:
         return self._module(name)
@@ -237,6 +241,10 @@ class Host:
         page_database = getattr(sys.modules.get(EXTRA_NETWORKS_PAGE), "embedding_db", None)
         if page_database is not None and all(page_database is not db for _, db, _ in databases):
             databases.append((f"{EXTRA_NETWORKS_PAGE}.embedding_db", page_database, {"sync_with_sd_model": False}))
+        # Forge's API lists its own database at /sdapi/v1/embeddings (A1111's API reads the hijack's).
+        api_database = forge.api_embedding_database(self.app)
+        if api_database is not None and all(api_database is not db for _, db, _ in databases):
+            databases.append(("api.embedding_db", api_database, {"sync_with_sd_model": False}))
         reloaded = []
         for name, database, extra in databases:
             try:
@@ -252,10 +260,13 @@ class Host:
         """The loaded model's tensors under their checkpoint names, to train on without a second copy.
 
         None where they cannot be used as they are: no model loaded; a model that is not an LDM/SGM torch
-        module (Forge's and SD.Next's are built differently); --medvram/--lowvram, which move the parts
-        between devices while generating; weights on more than one device or stored in fp8.
+        module (SD.Next's is built differently); --medvram/--lowvram, which move the parts between devices
+        while generating; weights on more than one device or stored in fp8. Forge's parts are read from its
+        `forge_objects`; forge.NotShareable says why where they cannot be used.
         """
         model = self.loaded_model()
+        if forge.is_forge_model(model):
+            return self._forge_weights(model)
         state_dict = getattr(model, "state_dict", None)
         if model is None or not callable(state_dict) or getattr(model, "lowvram", False):
             return None
@@ -274,6 +285,48 @@ class Host:
             owner=model,
         )
 
+    def _forge_weights(self, model: Any) -> ModelWeights:
+        """Forge's parts as they are (forge.NotShareable, one line, where they cannot be trained through)."""
+        layout, text_encoders, _architecture = forge.tensors(model)
+        info = getattr(model, "sd_checkpoint_info", None)
+        sidecar = Path(info.filename).with_suffix(".yaml") if getattr(info, "filename", None) else None
+        return ModelWeights(
+            tensors=layout,
+            original_config=sidecar if sidecar is not None and sidecar.is_file() else None,
+            prediction_type=forge.prediction_type(model),
+            owner=model,
+            text_encoders=text_encoders,
+        )
+
+    def first_weight(self, owner: Any) -> Any:
+        """One tensor of the web UI's model, whose memory tells whether it moved or was replaced since."""
+        if forge.is_forge_model(owner):
+            return forge.first_weight(owner)
+        parameters = getattr(owner, "parameters", None)
+        return next(parameters(), None) if callable(parameters) else None
+
+    @contextlib.contextmanager
+    def model_for_training(self) -> Iterator[None]:
+        """Forge: its selected model loaded (it loads lazily, at the first generation) and its parts on the
+        compute device through its memory manager, so the run trains on them. Other web UIs: nothing."""
+        model = self.loaded_model()
+        if self.kind() == "forge" and model is None:
+            model = forge.load_selected_model(self.module("modules.sd_models"))
+        if not forge.is_forge_model(model):
+            yield
+            return
+        try:
+            forge.tensors(model)
+        except forge.NotShareable:  # the file is loaded instead: Forge's model stays where it is
+            yield
+            return
+        with forge.on_compute_device(model, self.loaded_module(MEMORY_MANAGERS[0])):
+            yield
+
+    def keeps_weights_in_place(self, owner: Any) -> bool:
+        """Whether the web UI leaves its model's tensors where they are between runs (Forge may move them)."""
+        return not forge.is_forge_model(owner) or forge.stays_put(owner)
+
 
 @dataclass
 class ModelWeights:
@@ -283,3 +336,4 @@ class ModelWeights:
     original_config: Path | None  # the LDM/SGM yaml the web UI built the model from
     prediction_type: str | None
     owner: Any  # the web UI's model object, to tell when it is replaced
+    text_encoders: dict[str, dict[str, Any]] | None = None  # by key, in the transformers layout (Forge)
