@@ -57,7 +57,7 @@ def forge_engine(pipeline, architecture: str, info) -> ForgeEngine:
         encoders = torch.nn.ModuleDict()
         for key, source in zip(keys, sources, strict=False):
             wrapper = torch.nn.Module()
-            wrapper.transformer = copy.deepcopy(source)
+            wrapper.transformer = copy.deepcopy(source).to(torch.float16)  # Forge stores them so on the CPU
             encoders[key] = wrapper
     unet_model = torch.nn.Module()
     unet_model.diffusion_model = unet

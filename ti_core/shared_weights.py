@@ -134,6 +134,49 @@ def _assign(module: torch.nn.Module, lookup: Callable[[str], torch.Tensor | None
     module.eval()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_in_float32(module: torch.nn.Module) -> None:
+    """Let a module whose weights are stored in half precision on the CPU compute in float32, as the web UIs
+    do there (Forge keeps its text encoders in fp16 on the CPU and casts per layer): each layer casts its
+    weights for the call only, so the stored tensors stay as they are and no second copy stays in memory.
+    CPU kernels such as layer norm refuse mixed dtypes. Changes only this module's own forwards."""
+
+    def cast(value):
+        return value.float() if isinstance(value, torch.Tensor) and value.dtype in _HALF else value
+
+    def in_float32(layer: torch.nn.Module):
+        forward = layer.forward
+        if isinstance(layer, torch.nn.Embedding):  # a lookup: only the rows it returns are cast
+
+            def embedding_forward(*args, **kwargs):
+                return cast(forward(*args, **kwargs))
+
+            return embedding_forward
+
+        def layer_forward(*args, **kwargs):
+            stored = dict(layer._parameters)
+            try:
+                for name, parameter in stored.items():
+                    if parameter is not None and parameter.dtype in _HALF:
+                        layer._parameters[name] = parameter.float()  # for this call only
+                return forward(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})
+            finally:
+                layer._parameters.update(stored)
+
+        return layer_forward
+
+    for layer in module.modules():
+        own = [p for p in layer._parameters.values() if p is not None]
+        if own and any(p.dtype in _HALF for p in own):
+            layer.forward = in_float32(layer)
+
+
+def _stored_half_on_cpu(module: torch.nn.Module) -> bool:
+    return any(p.device.type == "cpu" and p.dtype in _HALF for p in module.parameters())
+
+
 def _clip_lookup(state_dict: Tensors, prefix: str) -> Callable[[str], torch.Tensor | None]:
     """A transformers CLIPTextModel key -> the OpenAI-CLIP tensor stored under ``prefix``."""
 
@@ -316,6 +359,10 @@ def model_from_tensors(
         )
         for key, tokenizer, part, projection, lookup, prefix in TEXT_ENCODERS[architecture]
     ]
+
+    for module in (unet, vae, *(encoder.model for encoder in encoders)):
+        if _stored_half_on_cpu(module):
+            compute_in_float32(module)
 
     schedulers = {cls.__name__: cls for cls in (DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler)}
     scheduler_config = configs["scheduler"]

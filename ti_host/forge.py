@@ -49,11 +49,10 @@ def architecture(model: Any) -> str:
 
 
 def _encoders(model: Any) -> dict[str, Any]:
+    # Forge's JointTextEncoder is a torch module with one child per text encoder (not a torch ModuleDict).
     joint = getattr(model.forge_objects.clip, "cond_stage_model", None)
-    try:
-        return dict(joint.items())
-    except (AttributeError, TypeError):
-        return {}
+    children = getattr(joint, "named_children", None)
+    return dict(children()) if callable(children) else {}
 
 
 def parts(model: Any) -> dict[str, Any]:

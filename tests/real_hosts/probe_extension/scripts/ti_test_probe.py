@@ -1,4 +1,4 @@
-"""A test-only AUTOMATIC1111 extension: what the real-host tests need to see inside the web UI's process.
+"""A test-only AUTOMATIC1111 and Forge extension: what the real-host tests need to see inside the web UI's process.
 
 Installed into the kit's `extensions/` by tests/real_hosts only; never shipped.
 
@@ -42,14 +42,32 @@ def state() -> dict:
     }
 
 
+def _weights(model) -> dict:
+    """The model's tensors by name: A1111's LatentDiffusion is one module; Forge's engine holds its parts
+    (UNet, VAE, text encoders) in `forge_objects`."""
+    objects = getattr(model, "forge_objects", None)
+    if objects is None:
+        return model.state_dict()
+    weights = {}
+    parts = {
+        "unet.": objects.unet.model.diffusion_model,
+        "vae.": objects.vae.first_stage_model,
+        "clip.": objects.clip.cond_stage_model,
+    }
+    for prefix, module in parts.items():
+        weights.update({prefix + name: tensor for name, tensor in module.state_dict().items()})
+    return weights
+
+
 def weights_digest() -> dict:
     started = time.monotonic()
-    with call_queue.queue_lock:
+    # Forge's tensors are made under inference_mode: read them under it.
+    with call_queue.queue_lock, torch.inference_mode():
         model = _loaded_model()
         if model is None:
             return {"error": "no model loaded", **state()}
         digest = hashlib.sha256()
-        weights = model.state_dict()
+        weights = _weights(model)
         total = 0
         for name in sorted(weights):
             tensor = weights[name].detach().to("cpu").contiguous()
