@@ -116,3 +116,18 @@ class ForgeServer(Server):
     def txt2img(self, prompt: str, seed: int = 1234) -> tuple[dict, bytes]:
         """64x64, 2 Euler steps (Forge's own defaults, 512x640 and 20 steps, take minutes on a CPU)."""
         return super().txt2img(prompt, seed)
+
+
+def forge_page_class():
+    """A1111Page for Forge's page (gradio 4.40): the same elem_ids, but its top tabs are "Txt2img", "Img2img"."""
+    import re
+
+    from a1111_page import A1111Page
+
+    class ForgePage(A1111Page):
+        def top_tab(self, label: str) -> None:
+            self.page.locator("#tabs > .tab-nav > button").filter(
+                has_text=re.compile(rf"^\s*{re.escape(label)}\s*$", re.IGNORECASE)
+            ).first.click()
+
+    return ForgePage
