@@ -192,3 +192,24 @@ def test_forges_api_database_is_reloaded_through_its_refresh_route(forge, tmp_pa
     host.app = app
     assert "api.embedding_db" in host.reload_embeddings()
     assert ("reload", ("api", {"force_reload": True, "sync_with_sd_model": False})) in forge.host.record.calls
+
+
+@pytest.mark.parametrize("arch", ["sd1"])
+def test_where_forge_moves_its_parts_our_aliases_are_not_kept_between_uses(forge):
+    """On a GPU Forge loads the parts to it and offloads them to the CPU later: aliases kept after a move
+    would hold the old memory alive (a second copy), so they are held only while in use."""
+    import gc
+
+    from ti_host.backend import HostBackend
+
+    backend = HostBackend()
+    assert backend.loaded_model() is not None
+    assert backend._shared_model is not None  # --always-cpu: nothing moves, the model over them is kept
+    for patcher in (forge.engine.forge_objects.unet, forge.engine.forge_objects.clip.patcher):
+        patcher.load_device = torch.device("cuda")  # loads to the GPU, offloads to the CPU
+    backend = HostBackend()
+    model = backend.loaded_model()
+    assert model is not None and model.shares_weights and backend._shared_model is None
+    del model
+    gc.collect()
+    assert backend._model_ref() is None  # nothing of ours holds Forge's memory between uses
