@@ -213,3 +213,14 @@ def test_where_forge_moves_its_parts_our_aliases_are_not_kept_between_uses(forge
     del model
     gc.collect()
     assert backend._model_ref() is None  # nothing of ours holds Forge's memory between uses
+
+
+def test_reforges_model_stays_on_the_a1111_path():
+    """reForge's LatentDiffusion carries forge_objects too; its own state dict is what is shared there."""
+    from ti_host import forge
+
+    class LatentDiffusion(torch.nn.Module):
+        forge_objects = types.SimpleNamespace()
+
+    assert not forge.is_forge_model(LatentDiffusion())
+    assert forge.is_forge_model(ForgeEngine(forge_objects=types.SimpleNamespace()))

@@ -36,7 +36,9 @@ class NotShareable(ValueError):
 
 
 def is_forge_model(model: Any) -> bool:
-    return getattr(model, "forge_objects", None) is not None
+    """Forge's engine. reForge's model carries `forge_objects` too, but is A1111's LatentDiffusion (a torch
+    module with the checkpoint's own state dict), which the A1111 path shares."""
+    return getattr(model, "forge_objects", None) is not None and not callable(getattr(model, "state_dict", None))
 
 
 def architecture(model: Any) -> str:
