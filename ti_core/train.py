@@ -35,7 +35,7 @@ import torch
 from .config import TrainConfig
 from .create import create_embedding
 from .data import encode_dataset, load_template, render_prompt, scan_images
-from .embedding import Embedding
+from .embedding import Embedding, plural
 from .formats import (
     atomic_write,
     load_embedding,
@@ -82,6 +82,17 @@ class TrainResult:
     message: str
     log_dir: Path
     error: BaseException | None = field(default=None, repr=False)
+
+
+class AlreadyTrained(FileExistsError):
+    """Training (not resuming) an embedding that has been trained already."""
+
+    def __init__(self, path: Path, step: int, resume: str = "resume", overwrite: str = "overwrite") -> None:
+        self.path, self.step = path, step
+        super().__init__(
+            f"{path} is already trained to step {step}; {resume} to continue training it (to a step above {step}), "
+            f"or {overwrite} to start again"
+        )
 
 
 class TrainingLocked(RuntimeError):
@@ -213,9 +224,12 @@ def starting_embedding(model, config: TrainConfig, run: RunFolder | None = None)
     if not config.resume:
         refuse_name_clash(config.embeddings_dir, config.name, path, hint="resume to continue training it, or rename")
         if path.exists() and not config.overwrite:
-            raise FileExistsError(
-                f"{path} already exists; resume to continue training it, or overwrite to start again"
-            )
+            # Created (step 0) and never trained: that is the embedding to train, from its initial vectors.
+            existing = load_embedding(path, widths=model.widths)
+            if existing.step > 0:
+                raise AlreadyTrained(path, existing.step)
+            existing.name = config.name
+            return existing, f"training {path.name} as it was created ({plural(existing.num_vectors, 'vector')})"
         return create_embedding(model, config.name, config.init_text, config.vectors), ""
     source = resume_source(config)
     embedding = load_embedding(source, widths=model.widths)
