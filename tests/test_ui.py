@@ -7,8 +7,12 @@ under TI_REQUIRE_UI=1 (CI's UI venvs), where a missing piece fails.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from ui_helpers import (
@@ -17,6 +21,7 @@ from ui_helpers import (
     free_port,
     loopback_only,
     make_dataset,
+    require_chromium,
     require_module,
     stop_app,
 )
@@ -620,3 +625,43 @@ def test_the_host_sees_progress_and_its_interrupt_button_stops_the_run(monkeypat
     assert extension.current_job().wait(10)
     assert host.reports == [1, 2, 3]
     assert extension.current_job().snapshot()["message"] == "Training interrupted at step 3"
+
+
+TESTS = Path(__file__).resolve().parent
+BROWSER_AFTER_THE_REAL_HOSTS = """
+import sys
+
+sys.path.insert(0, {tests!r})
+from ui_helpers import chromium_browser
+
+
+def test_a_browser_opens_after_the_real_host_tests():
+    with chromium_browser() as browser:
+        page = browser.new_page()
+        page.set_content("<p id=shown>opened</p>")
+        assert page.inner_text("#shown") == "opened"
+"""
+
+
+@pytest.mark.ui
+def test_without_the_host_kit_the_real_host_tests_skip_and_later_browser_tests_run(tmp_path):
+    """The README's test command on a clone without the kit: tests/real_hosts skips, saying why, and opens no
+    browser that would stop the next module's (playwright's sync API refuses to start inside a running one)."""
+    require_chromium()
+    require_module("playwright.sync_api")
+    probe = tmp_path / "test_browser_probe.py"
+    probe.write_text(BROWSER_AFTER_THE_REAL_HOSTS.format(tests=str(TESTS)), encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("TI_", "PYTEST_"))}
+    env["TI_A1111_KIT"] = str(tmp_path / "no-kit")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(TESTS / "real_hosts"), str(probe)],
+        cwd=TESTS.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    summary = done.stdout.strip().splitlines()[-1]
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert re.search(r"\b1 passed\b", summary) and "skipped" in summary and "error" not in summary, summary
+    assert f"the a1111 host kit is not at {tmp_path / 'no-kit'}" in done.stdout
