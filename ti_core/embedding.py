@@ -48,11 +48,6 @@ def check_vector_count(num_vectors: int) -> int:
     return num_vectors
 
 
-def plural(count: int, word: str) -> str:
-    """`1 vector`, `2 vectors`."""
-    return f"{count} {word}{'' if count == 1 else 's'}"
-
-
 def spread_vectors(rows: torch.Tensor, num_vectors: int) -> torch.Tensor:
     """Spread T token rows [T, d] over N vectors: vector i = row[i * T // N] (A1111's create rule).
 

@@ -35,7 +35,7 @@ import torch
 from .config import TrainConfig
 from .create import create_embedding
 from .data import encode_dataset, load_template, render_prompt, scan_images
-from .embedding import Embedding, plural
+from .embedding import Embedding
 from .formats import (
     atomic_write,
     load_embedding,
@@ -44,7 +44,7 @@ from .formats import (
     save_embedding,
     save_embedding_to,
 )
-from .names import embedding_path
+from .names import embedding_path, plural
 from .prompt import Conditioning, PromptTokenCache, TokenizedPrompt, encode_prompts, encode_tokenized
 from .schedule import learning_rate_at, parse_schedule
 
@@ -903,8 +903,21 @@ class RunFolder:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with exclusive_lock(self.folder / ".lock") if self.write else contextlib.nullcontext():
+        """The run's lock. A run that fails to start (no images, a refused name) leaves no empty folder."""
+        if not self.write:
             yield
+            return
+        missing = [folder for folder in (self.folder, *self.folder.parents) if not folder.exists()]
+        try:
+            with exclusive_lock(self.folder / ".lock"):
+                yield
+        except BaseException:
+            if missing:  # the folders this run made (the log folder too, on a first run), as far as they are empty
+                _remove_empty_folders(self.folder)
+                for folder in missing[1:]:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+            raise
 
     def begin(self, start: int) -> None:
         """settings.json, and the loss log of a resumed run kept up to its step."""
@@ -1010,6 +1023,16 @@ def vectors_hash(vectors: Mapping[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(vectors[key].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    """Remove `folder` and the folders in it, as far as they hold no file."""
+    for path in sorted(folder.rglob("*"), key=lambda path: len(path.parts), reverse=True):
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 @contextlib.contextmanager
