@@ -834,3 +834,32 @@ def test_an_interrupted_run_is_said_as_a_warning_not_faint_text(monkeypatch, tin
     extension.start_training(backend, False, "cat", *_train_values(make_dataset(tmp_path / "images"), steps=5))
     status = _poll_until_done({})[3]
     assert status == '<div class="ti-status ti-status-warning">Training interrupted at step 1</div>'
+
+
+@pytest.mark.ui
+def test_in_the_page_the_train_tab_keeps_the_embeddings_history(ui, app):
+    """Created last, so preselected after a reload; trained, resumed, then a refused resume: the previews
+    and the progress still show all of it, with the refusal above."""
+    _create(ui, "zz-history", 1)
+    ui.click("ti_create_button")
+    ui.wait_text("ti_create_status", r"Created zz-history")
+    ui.open()  # a reloaded page: the picker holds the embedding created last, not the first by name
+    ui.tab("Train")
+    picked = "() => document.querySelector('#ti_train_embedding input').value"
+    ui.page.wait_for_function(f"{picked} !== ''", timeout=30_000)  # the page fills it after loading
+    assert ui.dropdown_value("ti_train_embedding") == "zz-history"
+    _train_form(ui, app, steps=2, preview_every=1)
+    ui.fill("ti_train_preview_steps", 1)
+    ui.click("ti_train_button")
+    ui.wait_text("ti_train_status", r"Trained zz-history to step 2", timeout=120)
+    ui.fill("ti_train_steps", 4)
+    ui.click("ti_train_resume")
+    ui.wait_text("ti_train_status", r"Trained zz-history to step 4", timeout=120)
+    previews = "() => document.querySelectorAll('#ti_train_previews img').length"
+    ui.page.wait_for_function(f"{previews} === 4")  # steps 1-4, not only the resumed 3 and 4
+    ui.click("ti_train_resume")  # nothing left to train: refused
+    ui.wait_text("ti_train_status", r"already trained to step 4: set Steps above 4")
+    ui.page.wait_for_timeout(2500)  # two polls: nothing of the finished run is wiped
+    assert ui.page.evaluate(previews) == 4
+    assert re.search(r"Step 4 / 4.*took", ui.text("ti_train_progress"))
+    ui.screenshot("train-history-after-a-refused-resume")

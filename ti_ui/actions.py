@@ -52,12 +52,12 @@ def _dropdown_names(backend: Backend, selected: str | None = None):
 
 
 def default_embedding(backend: Backend, names: Sequence[str]) -> str | None:
-    """The Train picker's choice when the user has made none: the embedding being trained (or trained last in
-    this process), else the one written last (the one just created), not the alphabetically first."""
+    """The Train picker's choice when the user has made none: the embedding being trained, else the one written
+    last (the one just created, or just trained), not the alphabetically first."""
     from ti_core.formats import list_embeddings
 
     job = current_job()
-    if job is not None and job.config.name in names:
+    if job is not None and job.running and job.config.name in names:
         return job.config.name
     newest: dict[str, float] = {}
     for path in list_embeddings(backend.embeddings_dir):
