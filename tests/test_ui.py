@@ -500,6 +500,13 @@ def test_the_demo_model_flow_create_train_preview_card_into_try_it(browser, tmp_
         ui.fill("ti_try_prompt", "a painting of")
         card.click()
         ui.wait_value("ti_try_prompt", r"^a painting of zzdemo$")
+        # Try it starts at the demo model's own 64 px (not 512, minutes on a CPU) and shows it scaled up.
+        assert ui.value("ti_try_width") == ui.value("ti_try_height") == "64"
+        ui.click("ti_try_button")
+        ui.wait_text("ti_try_status", r"seed 0, 20 steps with zzdemo", timeout=120)
+        shown = page.locator("#ti_try_image img").first
+        shown.wait_for(timeout=30_000)
+        assert shown.evaluate("img => img.naturalWidth") == 64 and shown.bounding_box()["width"] >= 200
         ui.screenshot("demo-model")
         assert not ui.errors, f"errors in the page: {ui.errors}"
         context.close()
