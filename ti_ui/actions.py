@@ -291,7 +291,7 @@ def poll_training(seen: dict | None):
             seen,
         )
     running = snapshot["running"]
-    never_started = snapshot.get("start_step") is None
+    never_started = snapshot.get("start_step") is None and not snapshot["losses"]
     earlier_losses, earlier_previews = run_history(snapshot.get("log_folder"), snapshot.get("name") or "")
     start = snapshot.get("start_step")
     losses = [point for point in earlier_losses if start is None or point[0] <= start] + [
