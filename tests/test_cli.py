@@ -197,10 +197,10 @@ def test_export_prints_the_files_and_the_diffusers_lines(tiny_model_dirs, tmp_pa
     assert all(line.startswith("pipe.load_textual_inversion(") for line in lines[3:])
     (warning,) = captured.err.strip().splitlines()
     assert warning.startswith("warning: `Cat` has capital letters")
-    monkeypatch.chdir(tmp_path / "d")  # the default --out is the current folder
+    monkeypatch.chdir(tmp_path / "d")  # the default --out is exports/<format> in the current folder
     assert main(["export", str(source), "--to", "image"]) == 0
-    assert capsys.readouterr().out.strip() == "Cat.png"
-    assert load_embedding(tmp_path / "d" / "Cat.png").num_vectors == 1
+    assert capsys.readouterr().out.strip() == str(Path("exports", "image", "Cat.png"))
+    assert load_embedding(tmp_path / "d" / "exports" / "image" / "Cat.png").num_vectors == 1
     # Exporting again is refused (one line), as is an unknown format (a usage error).
     assert main(["export", str(source), "--to", "image"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -209,3 +209,65 @@ def test_export_prints_the_files_and_the_diffusers_lines(tiny_model_dirs, tmp_pa
     capsys.readouterr()
     assert main(["export", str(source), "--to", "ckpt"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_every_format_exports_to_its_default_folder(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    main(["create", "--model", str(tiny_model_dirs["sd1"]), "--name", "circle_ti", "--embeddings-dir", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)
+    for to in ("diffusers", "a1111-pt", "image"):
+        assert main(["export", "circle_ti.safetensors", "--to", to]) == 0, capsys.readouterr().err
+    written = sorted(path.relative_to(tmp_path).as_posix() for path in (tmp_path / "exports").rglob("*.*"))
+    assert written == [
+        "exports/a1111-pt/circle_ti.pt",
+        "exports/diffusers/circle_ti.safetensors",
+        "exports/image/circle_ti.png",
+    ]
+
+
+def test_export_to_a_folder_that_cannot_be_made_is_one_readable_line(tiny_model_dirs, tmp_path, capsys):
+    main(["create", "--model", str(tiny_model_dirs["sd1"]), "--name", "circle_ti", "--embeddings-dir", str(tmp_path)])
+    capsys.readouterr()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert (
+        main(["export", str(tmp_path / "circle_ti.safetensors"), "--to", "a1111-pt", "--out", str(blocker / "sub")])
+        == 1
+    )
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: cannot write the export to {blocker / 'sub'}")
+    assert "[Errno" not in line and "choose another --out folder" in line
+
+
+def test_create_checks_its_arguments_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("ti_core.models.load_model", refuse)
+    base = ["create", "--model", "demo:tiny-sd1", "--embeddings-dir", str(tmp_path)]
+    for vectors in ("0", "76"):
+        assert main([*base, "--name", "cat_ti", "--vectors", vectors]) == 1
+        assert capsys.readouterr().err == f"error: vectors per token must be between 1 and 75, not {vectors}\n"
+    assert main([*base, "--name", "..", "--vectors", "1"]) == 1
+    assert capsys.readouterr().err == "error: embedding name '..' contains '..'\n"
+    assert not any(tmp_path.iterdir())
+
+
+def test_inspect_aligns_its_keys_in_a_fixed_order_without_empty_values(tmp_path, capsys):
+    from safetensors.torch import save_file as save
+
+    # The same metadata stored in two orders: the header keeps none, so inspect must fix one.
+    metadata = {"name": "cat_ti", "step": "0", "vectors": "1", "init_text": "cat", "base_model": "demo",
+                "base_model_hash": "", "tool": "ti_core", "architecture": "sd1", "zz_extra": "x"}  # fmt: skip
+    outputs = []
+    for index, items in enumerate((list(metadata.items()), list(reversed(metadata.items())))):
+        path = tmp_path / f"{index}" / "cat_ti.safetensors"
+        path.parent.mkdir()
+        save({"emb_params": torch.ones(1, 768)}, str(path), metadata=dict(items))
+        assert main(["inspect", str(path)]) == 0
+        outputs.append(capsys.readouterr().out.replace(str(path), "FILE"))
+    assert outputs[0] == outputs[1]
+    lines = outputs[0].splitlines()
+    assert len({line.index(": ") for line in lines}) == 1  # one key column
+    keys = [line.split(": ")[0].strip() for line in lines]
+    assert keys[-4:] == ["init_text", "base_model", "tool", "zz_extra"]
+    assert "base_model_hash" not in keys

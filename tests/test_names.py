@@ -189,3 +189,16 @@ def test_the_suggested_name_draws_no_warning_and_is_valid(raw):
     safe = suggested_name(raw)
     assert validate_name(safe) == safe
     assert name_warnings(safe) == []
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("..", "my_embedding"), (".cat", "cat_ti"), ("my.cat", "my_cat")])
+def test_dots_are_not_carried_into_the_suggested_name(raw, expected):
+    assert suggested_name(raw) == expected  # not ".._ti_ti", which is no valid name either
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="a. c()_-", min_size=1, max_size=12))
+def test_the_suggested_name_of_any_text_with_dots_is_valid(raw):
+    if raw.strip():
+        safe = suggested_name(raw)
+        assert validate_name(safe) == safe and name_warnings(safe) == []

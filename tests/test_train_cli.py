@@ -76,7 +76,7 @@ def test_unknown_settings_in_a_config_file_are_named(tmp_path, capsys, base_args
 def test_runtime_errors_exit_1_with_one_error_line_and_no_traceback(tmp_path, capsys, base_args):
     assert main([*base_args[:8], "--images", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err
-    assert error_lines(err) == [f"error: images: {tmp_path / 'nowhere'} is not a folder"]
+    assert error_lines(err) == [f"error: --images {tmp_path / 'nowhere'} is not a folder"]
     assert "Traceback" not in err
 
     args = [*base_args]
@@ -99,10 +99,11 @@ def test_train_then_resume_from_the_saved_settings(tmp_path, capsys, base_args):
     assert out.splitlines()[-1] == f"Trained cat to step 2; saved {embedding}"
     assert load_embedding(embedding).step == 2
 
-    # A second run without --resume would replace the trained embedding: refused.
+    # A second run without --resume would replace the trained embedding: refused, naming the flags.
     assert main(base_args) == 1
     assert error_lines(capsys.readouterr().err) == [
-        f"error: {embedding} already exists; resume to continue training it, or overwrite to start again"
+        f"error: {embedding} is already trained to step 2; add --resume to continue training it (to a step "
+        "above 2), or --overwrite to start again"
     ]
 
     # The run's settings.json is a valid --config; flags given override it.
@@ -141,7 +142,8 @@ def test_ctrl_c_saves_and_exits_0(tmp_path, base_args):
         env=cli_env(),
         cwd=tmp_path,
     )
-    started = process.stdout.readline()
+    loading, started = process.stdout.readline(), process.stdout.readline()
+    assert loading.startswith("Loading "), loading + process.stderr.read()
     assert started.startswith("Training cat on 4 images"), started + process.stderr.read()
     time.sleep(2)  # a few steps
     process.send_signal(signal.SIGINT)
@@ -165,8 +167,143 @@ def test_two_processes_under_accelerate_launch(tmp_path, base_args):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[0] == "Training cat on 4 images on 2 processes, from the start to step 3"  # printed once: rank 0
+    assert (
+        lines[0].startswith("Loading ")
+        and lines[1] == "Training cat on 4 images on 2 processes, from the start to step 3"
+    )  # printed once: rank 0
     assert lines[-1].endswith("(2 processes finished with identical vectors)")
     assert sorted(path.name for path in (tmp_path / "embeddings").iterdir()) == ["cat.safetensors"]
     assert load_embedding(tmp_path / "embeddings" / "cat.safetensors").step == 3
     assert (tmp_path / "logs" / "cat" / "cat-3.safetensors").is_file()
+
+
+def _no_model_load(monkeypatch) -> None:
+    """Makes loading any model fail loudly: what a test checks must be found before the model is loaded."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("ti_core.models.load_model", refuse)
+
+
+def test_create_then_train_trains_the_created_embedding(tmp_path, capsys, base_args, tiny_model_dirs):
+    from ti_core.cli import main as cli_main
+
+    embeddings = tmp_path / "embeddings"
+    create = ["create", "--model", str(tiny_model_dirs["sd1"]), "--name", "cat", "--init-text", "tree"]
+    assert cli_main([*create, "--vectors", "3", "--embeddings-dir", str(embeddings)]) == 0
+    created = load_embedding(embeddings / "cat.safetensors")
+    capsys.readouterr()
+
+    assert main(base_args) == 0  # no --resume: the embedding was created, never trained
+    out = capsys.readouterr().out
+    assert "training cat.safetensors as it was created (3 vectors)" in out
+    trained = load_embedding(embeddings / "cat.safetensors")
+    assert trained.step == 2 and trained.num_vectors == 3 and trained.metadata["init_text"] == "tree"
+    assert not all(trained.vectors[key].equal(created.vectors[key]) for key in created.vectors)
+
+
+def test_the_embeddings_state_is_checked_before_the_model_loads(tmp_path, capsys, base_args, monkeypatch):
+    assert main(base_args) == 0
+    capsys.readouterr()
+    _no_model_load(monkeypatch)
+    embedding = tmp_path / "embeddings" / "cat.safetensors"
+    assert main(base_args) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "--resume" in line and "--overwrite" in line
+    assert main([*base_args, "--resume"]) == 1  # trained to 2 already, --steps 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: {embedding} is already trained to step 2; give --steps above 2 to resume it"
+    ]
+    assert main([*base_args, "--name", "dog", "--resume"]) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith("error: cannot resume:") and "dog.safetensors does not exist" in line
+
+
+def test_without_resolution_the_models_own_is_used(tmp_path, capsys, base_args, tiny_models):
+    args = [*base_args]
+    del args[args.index("--resolution") : args.index("--resolution") + 2]
+    assert main(args) == 0
+    settings = json.loads((tmp_path / "logs" / "cat" / "settings.json").read_text())
+    assert settings["data"]["resolution"] == tiny_models["sd1"].resolution != 512
+    dog = [*args, "--resolution", "128", "--steps", "1"]
+    dog[dog.index("--name") + 1] = "dog"
+    assert main(dog) == 0
+    settings = json.loads((tmp_path / "logs" / "dog" / "settings.json").read_text())
+    assert settings["data"]["resolution"] == 128
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _events(progress, clock, total: int, seconds_per_step: float) -> None:
+    from ti_core.train import TrainEvent
+
+    progress(TrainEvent("start", 0, total, message=f"Training cat to step {total}"))
+    for step in range(1, total + 1):
+        clock.now += seconds_per_step
+        rate = 1 / seconds_per_step
+        progress(
+            TrainEvent(
+                "step",
+                step,
+                total,
+                loss=0.5 / step,
+                lr=0.005,
+                steps_per_second=rate,
+                eta_seconds=(total - step) / rate,
+            )
+        )
+        if step == 4:
+            progress(TrainEvent("snapshot", step, total, message="Saved cat-4.safetensors"))
+
+
+def test_progress_off_a_terminal_is_a_plain_line_every_few_seconds():
+    import io
+
+    from ti_core.train_cli import Progress
+
+    stream, clock = io.StringIO(), FakeClock()
+    with Progress(stream=stream, live=False, every=5.0, clock=clock) as progress:
+        _events(progress, clock, total=20, seconds_per_step=2.0)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "Training cat to step 20"
+    steps = [line for line in lines if line.startswith("step ")]
+    # 40 s of training: the first step, then one line per 5 s or more, and the last step.
+    assert steps[0] == "step 1/20  2.0 s/step  ETA 0:00:38  loss 0.5000"
+    assert [line.split()[1] for line in steps] == ["1/20", "4/20", "7/20", "10/20", "13/20", "16/20", "19/20", "20/20"]
+    assert "Saved cat-4.safetensors" in lines and steps[-1].endswith("snapshot: step 4")
+    assert "\r" not in stream.getvalue()
+
+
+def test_progress_on_a_terminal_is_one_live_line():
+    import io
+
+    from ti_core.train_cli import Progress
+
+    stream, clock = io.StringIO(), FakeClock()
+    with Progress(stream=stream, live=True, clock=clock) as progress:
+        _events(progress, clock, total=6, seconds_per_step=0.5)
+    text = stream.getvalue()
+    assert text.startswith("Training cat to step 6\n")
+    assert text.count("\r") >= 6 and text.endswith("\n")
+    screen = [part.split("\r")[-1] for part in text.split("\n")]  # what each terminal line ends up showing
+    assert "Saved cat-4.safetensors" in screen
+    assert screen[-2].rstrip() == "step 6/6  2.00 steps/s  ETA 0:00:00  loss 0.0833  snapshot: step 4"
+
+
+def test_train_prints_progress_lines_as_it_goes(tmp_path, base_args):
+    done = subprocess.run(
+        [sys.executable, "-m", "ti_core", "train", *base_args, "--steps", "3"],
+        capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"Loading {base_args[1]}..." and lines[1].startswith("Training cat on 4 images")
+    assert lines[-2].startswith("step 3/3  ") and " loss " in lines[-2]
+    assert lines[-1].startswith("Trained cat to step 3")

@@ -7,8 +7,12 @@ under TI_REQUIRE_UI=1 (CI's UI venvs), where a missing piece fails.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from ui_helpers import (
@@ -17,6 +21,7 @@ from ui_helpers import (
     free_port,
     loopback_only,
     make_dataset,
+    require_chromium,
     require_module,
     stop_app,
 )
@@ -28,6 +33,7 @@ from ti_core.create import create_embedding  # noqa: E402
 from ti_core.demo import DEMO_LABEL, DEMO_MODEL_ID  # noqa: E402
 from ti_core.formats import load_embedding, save_embedding  # noqa: E402
 from ti_ui import actions as extension_actions  # noqa: E402
+from ti_ui.tabs.model import model_status_action  # noqa: E402
 
 REQUIRED_IDS = {
     "ti_create_name",
@@ -235,9 +241,15 @@ def test_a_typed_model_path_is_accepted_and_a_bad_one_is_one_line(tiny_model_dir
     backend = extension.StandaloneBackend(**_nowhere_else(tmp_path))
     backend.select_model(str(tiny_model_dirs["sd1"]))
     assert backend.current_model().architecture == "sd1"
-    backend.select_model(str(tmp_path / "missing.safetensors"))
-    status, _ = extension.create_action(backend, "nothing", "cat", 1, False)
-    assert "missing.safetensors" in status and "\n" not in status
+    with pytest.raises(ValueError, match="no file or folder at .*missing.safetensors: check the path"):
+        backend.select_model(str(tmp_path / "missing.safetensors"))
+    assert backend.selected == str(tiny_model_dirs["sd1"])  # a mistyped path does not replace the model
+    status = model_status_action(backend, str(tmp_path / "missing.safetensors"))
+    assert "ti-status-error" in status and "check the path" in status and "still using" in status
+    (tmp_path / "notes.txt").write_text("")
+    assert "is not a checkpoint" in model_status_action(backend, str(tmp_path / "notes.txt"))
+    assert "is a folder but not a diffusers model" in model_status_action(backend, str(tmp_path))
+    assert "ti-status-error" not in model_status_action(backend, "someone/some-model")  # a hub id: loaded when used
 
 
 def test_the_name_warning_shows_while_typing_and_after_create(tmp_path):
@@ -488,6 +500,13 @@ def test_the_demo_model_flow_create_train_preview_card_into_try_it(browser, tmp_
         ui.fill("ti_try_prompt", "a painting of")
         card.click()
         ui.wait_value("ti_try_prompt", r"^a painting of zzdemo$")
+        # Try it starts at the demo model's own 64 px (not 512, minutes on a CPU) and shows it scaled up.
+        assert ui.value("ti_try_width") == ui.value("ti_try_height") == "64"
+        ui.click("ti_try_button")
+        ui.wait_text("ti_try_status", r"seed 0, 20 steps with zzdemo", timeout=120)
+        shown = page.locator("#ti_try_image img").first
+        shown.wait_for(timeout=30_000)
+        assert shown.evaluate("img => img.naturalWidth") == 64 and shown.bounding_box()["width"] >= 200
         ui.screenshot("demo-model")
         assert not ui.errors, f"errors in the page: {ui.errors}"
         context.close()
@@ -615,8 +634,239 @@ def test_the_host_sees_progress_and_its_interrupt_button_stops_the_run(monkeypat
     monkeypatch.setattr(ti_core.train, "train", fake_train)
     host = Host(tmp_path / "emb", tmp_path / "log")
     save_embedding(create_embedding(tiny_models["sd1"], "cat", "cat", 1), host.embeddings_dir)
-    status = extension.start_training(host, False, "cat", *tab_values(data__images=str(tmp_path), steps=99))
+    images = make_dataset(tmp_path / "images")
+    status = extension.start_training(host, False, "cat", *tab_values(data__images=str(images), steps=99))
     assert "Training cat to step 99" in status
     assert extension.current_job().wait(10)
     assert host.reports == [1, 2, 3]
     assert extension.current_job().snapshot()["message"] == "Training interrupted at step 3"
+
+
+TESTS = Path(__file__).resolve().parent
+BROWSER_AFTER_THE_REAL_HOSTS = """
+import sys
+
+sys.path.insert(0, {tests!r})
+from ui_helpers import chromium_browser
+
+
+def test_a_browser_opens_after_the_real_host_tests():
+    with chromium_browser() as browser:
+        page = browser.new_page()
+        page.set_content("<p id=shown>opened</p>")
+        assert page.inner_text("#shown") == "opened"
+"""
+
+
+@pytest.mark.ui
+def test_without_the_host_kit_the_real_host_tests_skip_and_later_browser_tests_run(tmp_path):
+    """The README's test command on a clone without the kit: tests/real_hosts skips, saying why, and opens no
+    browser that would stop the next module's (playwright's sync API refuses to start inside a running one)."""
+    require_chromium()
+    require_module("playwright.sync_api")
+    probe = tmp_path / "test_browser_probe.py"
+    probe.write_text(BROWSER_AFTER_THE_REAL_HOSTS.format(tests=str(TESTS)), encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("TI_", "PYTEST_"))}
+    env["TI_A1111_KIT"] = str(tmp_path / "no-kit")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(TESTS / "real_hosts"), str(probe)],
+        cwd=TESTS.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    summary = done.stdout.strip().splitlines()[-1]
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert re.search(r"\b1 passed\b", summary) and "skipped" in summary and "error" not in summary, summary
+    assert f"the a1111 host kit is not at {tmp_path / 'no-kit'}" in done.stdout
+
+
+# ------------------------------------------------------------------------ the Train tab's loose ends, no browser
+
+
+def unchanged(update) -> bool:
+    """gr.update() with nothing in it: the component keeps what it shows."""
+    return isinstance(update, dict) and {key for key in update if key != "__type__"} == set()
+
+
+class TinyBackend(extension.Backend):
+    def __init__(self, model, root):
+        super().__init__(root / "embeddings", root / "log")
+        self.model = model
+
+    def current_model(self):
+        return self.model
+
+
+def test_the_train_picker_preselects_the_embedding_written_last(tiny_models, tmp_path):
+    import os
+
+    backend = TinyBackend(tiny_models["sd1"], tmp_path)
+    for name, stamp in {"zz_old": 1_500_000_000, "mm_new": 1_500_000_100, "aa_older": 1_000_000_000}.items():
+        path = save_embedding(create_embedding(tiny_models["sd1"], name, "cat", 1), backend.embeddings_dir)
+        os.utime(path, (stamp, stamp))
+    assert extension_actions.page_load_action(backend)[0]["value"] == "mm_new"  # not aa_older, the first by name
+    status, picker = extension.create_action(backend, "bb_just_made", "cat", 1, False)
+    assert picker["value"] == "bb_just_made" and "(1 vector," in status
+    assert extension_actions.page_load_action(backend)[0]["value"] == "bb_just_made"  # after a reload too
+
+
+@pytest.mark.parametrize("vectors", [0, 76, 2.5])
+def test_typed_vectors_out_of_range_are_the_clis_one_line_error(tmp_path, vectors):
+    backend = extension.StandaloneBackend(**_nowhere_else(tmp_path))
+    status, picker = extension.create_action(backend, "typed", "cat", vectors, False)
+    assert status == (
+        f'<div class="ti-status ti-status-error">vectors per token must be between 1 and 75, not {vectors}</div>'
+    )
+    assert unchanged(picker) and not (tmp_path / "e").exists()
+
+
+def test_an_invalid_name_says_why_instead_of_suggesting_a_worse_one():
+    status = extension_actions.name_warning_action("..")
+    assert "ti-status-error" in status and "contains &#x27;..&#x27;" in status and "_ti" not in status
+
+
+def test_export_with_the_default_folder_works_for_every_format(tiny_models, tmp_path):
+    backend = TinyBackend(tiny_models["sd1"], tmp_path)
+    save_embedding(create_embedding(tiny_models["sd1"], "circle_ti", "circle", 1), backend.embeddings_dir)
+    for to in ("diffusers", "a1111-pt", "image"):
+        status = extension_actions.export_action(backend, "circle_ti", to, "", False)
+        assert "ti-status-ok" in status, status
+    exports = tmp_path / "log" / "exports"
+    assert sorted(path.relative_to(exports).as_posix() for path in exports.rglob("*.*")) == [
+        "a1111-pt/circle_ti.pt",
+        "diffusers/circle_ti.safetensors",
+        "image/circle_ti.png",
+    ]
+
+
+def test_try_it_starts_at_the_models_own_resolution(tmp_path):
+    backend = extension.StandaloneBackend(**_nowhere_else(tmp_path))  # the demo model: 64 px
+    demo = extension.create_ui(backend)
+    sizes = {
+        block.elem_id: block.value
+        for block in demo.blocks.values()
+        if getattr(block, "elem_id", None) in ("ti_try_width", "ti_try_height")
+    }
+    assert sizes == {"ti_try_width": 64, "ti_try_height": 64}
+
+
+def test_a_start_that_fails_on_its_input_is_one_line_and_leaves_no_folder(tiny_models, tmp_path, capfd):
+    backend = TinyBackend(tiny_models["sd1"], tmp_path)
+    save_embedding(create_embedding(tiny_models["sd1"], "cat", "cat", 1), backend.embeddings_dir)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    before = extension.current_job()
+    for folder, message in [
+        (tmp_path / "missing", f"images: {tmp_path / 'missing'} is not a folder"),
+        (tmp_path / "empty", f"no images (.png, .jpg, .jpeg, .webp, .bmp) in {tmp_path / 'empty'}"),
+    ]:
+        status = extension.start_training(backend, False, "cat", *tab_values(data__images=str(folder), steps=2))
+        assert "ti-status-error" in status and message in status, status
+    assert extension.current_job() is before  # refused before any run started
+    assert not (tmp_path / "log").exists()
+
+    # A run that fails inside (the files changed after the click): one console line, no traceback, no folder.
+    config = TrainConfig.from_dict(
+        {"name": "cat", "embeddings_dir": str(backend.embeddings_dir), "log_dir": str(backend.log_dir),
+         "resume": True, "data": {"images": str(tmp_path / "empty"), "resolution": 64}}
+    )  # fmt: skip
+    capfd.readouterr()
+    job = extension.TrainingJob.start(backend.current_model, config)
+    assert job.wait(60)
+    err = capfd.readouterr().err
+    (line,) = err.strip().splitlines()
+    assert line == f"Training cat failed: no images (.png, .jpg, .jpeg, .webp, .bmp) in {tmp_path / 'empty'}"
+    assert not (tmp_path / "log").exists()
+
+
+def _train_values(images, **changes):
+    settings = {"data__images": str(images), "data__resolution": 64, "save_every": 0, "preview_every": 1,
+                "preview_steps": 1, **changes}  # fmt: skip
+    return tab_values(**settings)
+
+
+def _poll_until_done(seen):
+    job = extension.current_job()
+    assert job.wait(300)
+    return extension.poll_training(seen)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_after_resume_and_refusals_the_plot_and_previews_show_the_whole_history(tiny_models, tmp_path):
+    backend = TinyBackend(tiny_models["sd1"], tmp_path)
+    images = make_dataset(tmp_path / "images")
+    save_embedding(create_embedding(tiny_models["sd1"], "cat", "cat", 1), backend.embeddings_dir)
+    assert "Training cat to step 2" in extension.start_training(backend, False, "cat", *_train_values(images, steps=2))
+    progress, plot, gallery, status, result, *_, seen = _poll_until_done({})
+    assert list(plot[plot["curve"] == "each step"]["step"]) == [1, 2] and len(gallery) == 2
+
+    status = extension.start_training(backend, True, "cat", *_train_values(images, steps=4))
+    assert "Resuming cat to step 4" in status
+    progress, plot, gallery, status, result, *_, seen = _poll_until_done(seen)
+    assert list(plot[plot["curve"] == "each step"]["step"]) == [1, 2, 3, 4]  # not only the resumed steps
+    assert [caption for _, caption in gallery] == ["cat-4", "cat-3", "cat-2", "cat-1"]
+    assert "Step 4 / 4" in progress and "ti-status-ok" in status
+
+    # A refused Resume (nothing left to train) is one line; the finished run stays on screen.
+    job = extension.current_job()
+    status = extension.start_training(backend, True, "cat", *_train_values(images, steps=4))
+    assert "already trained to step 4: set Steps above 4" in status and extension.current_job() is job
+    assert all(unchanged(update) for update in extension.poll_training(seen)[:8])
+
+    # A run refused inside the job (before its first step) shows its refusal and leaves the rest as it was.
+    (tmp_path / "other").mkdir()
+    _failed_run(tmp_path / "other")
+    progress, plot, gallery, status, result, *buttons, seen = extension.poll_training(seen)
+    assert "no model in this test" in status and "ti-status-error" in status
+    assert unchanged(progress) and unchanged(plot) and unchanged(gallery) and unchanged(result)
+    # A page opened now shows that embedding's own history (none) and no stale "Step 0 / 10".
+    progress, plot, gallery, *_ = extension.poll_training({})
+    assert "Step 0" not in progress and plot is None and gallery == []
+
+
+def test_an_interrupted_run_is_said_as_a_warning_not_faint_text(monkeypatch, tiny_models, tmp_path):
+    import ti_core.train
+    from ti_core.train import TrainEvent, TrainResult
+
+    def interrupted(model, config, callback=None, *, cancel=None, accelerator=None):
+        callback(TrainEvent("start", 0, config.steps, message="start"))
+        callback(TrainEvent("step", 1, config.steps, loss=0.1, lr=0.005))
+        return TrainResult(None, 1, "interrupted", "Training interrupted at step 1", tmp_path)
+
+    monkeypatch.setattr(ti_core.train, "train", interrupted)
+    backend = TinyBackend(tiny_models["sd1"], tmp_path)
+    save_embedding(create_embedding(tiny_models["sd1"], "cat", "cat", 1), backend.embeddings_dir)
+    extension.start_training(backend, False, "cat", *_train_values(make_dataset(tmp_path / "images"), steps=5))
+    status = _poll_until_done({})[3]
+    assert status == '<div class="ti-status ti-status-warning">Training interrupted at step 1</div>'
+
+
+@pytest.mark.ui
+def test_in_the_page_the_train_tab_keeps_the_embeddings_history(ui, app):
+    """Created last, so preselected after a reload; trained, resumed, then a refused resume: the previews
+    and the progress still show all of it, with the refusal above."""
+    _create(ui, "zz-history", 1)
+    ui.click("ti_create_button")
+    ui.wait_text("ti_create_status", r"Created zz-history")
+    ui.open()  # a reloaded page: the picker holds the embedding created last, not the first by name
+    ui.tab("Train")
+    picked = "() => document.querySelector('#ti_train_embedding input').value"
+    ui.page.wait_for_function(f"{picked} !== ''", timeout=30_000)  # the page fills it after loading
+    assert ui.dropdown_value("ti_train_embedding") == "zz-history"
+    _train_form(ui, app, steps=2, preview_every=1)
+    ui.fill("ti_train_preview_steps", 1)
+    ui.click("ti_train_button")
+    ui.wait_text("ti_train_status", r"Trained zz-history to step 2", timeout=120)
+    ui.fill("ti_train_steps", 4)
+    ui.click("ti_train_resume")
+    ui.wait_text("ti_train_status", r"Trained zz-history to step 4", timeout=120)
+    previews = "() => document.querySelectorAll('#ti_train_previews img').length"
+    ui.page.wait_for_function(f"{previews} === 4")  # steps 1-4, not only the resumed 3 and 4
+    ui.click("ti_train_resume")  # nothing left to train: refused
+    ui.wait_text("ti_train_status", r"already trained to step 4: set Steps above 4")
+    ui.page.wait_for_timeout(2500)  # two polls: nothing of the finished run is wiped
+    assert ui.page.evaluate(previews) == 4
+    assert re.search(r"Step 4 / 4.*took", ui.text("ti_train_progress"))
+    ui.screenshot("train-history-after-a-refused-resume")

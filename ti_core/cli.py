@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write an embedding file in the format another tool loads")
     export.add_argument("file", type=Path)
     export.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="the format to write")
-    export.add_argument("--out", type=Path, default=Path("."), help="folder to write into (default: this one)")
+    export.add_argument(
+        "--out", type=Path, help="folder to write into (default: exports/FORMAT here, one folder per format)"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace files of the same name there")
     export.set_defaults(run=run_export)
 
@@ -80,16 +82,20 @@ def load_model_from_args(args):
 
 def run_create(args) -> int:
     from .create import create_embedding
+    from .embedding import check_vector_count
     from .formats import refuse_name_clash, save_embedding
     from .names import embedding_path
 
-    target = embedding_path(args.embeddings_dir, args.name)  # validate before the slow model load
+    # Everything that can be checked without the model is checked before its slow load.
+    target = embedding_path(args.embeddings_dir, args.name)
+    check_vector_count(args.vectors)
     if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+        raise FileExistsError(f"{target} already exists; add --overwrite to replace it")
     refuse_name_clash(args.embeddings_dir, args.name, target)
     model = load_model_from_args(args)
     embedding = create_embedding(model, args.name, args.init_text, args.vectors)
-    metadata = {"base_model_hash": model.shorthash() or ""}
+    model_hash = model.shorthash()
+    metadata = {"base_model_hash": model_hash} if model_hash else None  # the demo model has no file to hash
     print(save_embedding(embedding, args.embeddings_dir, overwrite=args.overwrite, metadata=metadata))
     print_name_warnings(embedding.name)
     return 0
@@ -103,6 +109,7 @@ def print_name_warnings(name: str) -> None:
 
 
 SHOWN = ("file", "token", "format", "architecture", "vectors", "widths", "step")
+METADATA_ORDER = ("init_text", "base_model", "base_model_hash", "tool", "converted_from", "validation_loss")
 
 
 def run_inspect(args) -> int:
@@ -122,25 +129,37 @@ def run_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in SHOWN:
-        print(f"{key:>13}: {info[key]}")
+    rows = [(key, info[key]) for key in SHOWN]
     if "fits" in info:
-        print(f"{'fits':>13}: " + ("yes" if info["fits"] else f"no, {info['does_not_fit_because']}"))
-    for key, norms in info["norms"].items():
-        print(f"{'norms ' + key:>13}: {', '.join(f'{n:.3f}' for n in norms)}")
-    for key, value in info["metadata"].items():
-        if key not in SHOWN:
-            print(f"{key:>13}: {value}")
-    for key, rows in info.get("nearest_tokens", {}).items():
-        for index, row in enumerate(rows):
-            print(f"{f'{key}[{index}]':>13}: " + ", ".join(f"{token} ({score:.2f})" for token, score in row))
+        rows.append(("fits", "yes" if info["fits"] else f"no, {info['does_not_fit_because']}"))
+    rows += [(f"norms {key}", ", ".join(f"{n:.3f}" for n in norms)) for key, norms in info["norms"].items()]
+    # The file's metadata in a fixed order (a safetensors header keeps none): the known keys first, then the
+    # rest by name; empty values say nothing.
+    metadata = info["metadata"]
+    keys = [key for key in METADATA_ORDER if key in metadata] + sorted(set(metadata) - set(METADATA_ORDER))
+    rows += [(key, metadata[key]) for key in keys if key not in SHOWN and str(metadata[key]).strip()]
+    for key, nearest in info.get("nearest_tokens", {}).items():
+        rows += [
+            (f"{key}[{index}]", ", ".join(f"{token} ({score:.2f})" for token, score in row))
+            for index, row in enumerate(nearest)
+        ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:>{width}}: {value}")
     return 0
 
 
 def run_export(args) -> int:
-    from .formats import diffusers_loading_code, export_embedding, load_embedding
+    from .formats import default_export_dir, diffusers_loading_code, export_embedding, load_embedding
 
-    written = export_embedding(args.file, args.to, args.out, overwrite=args.overwrite)
+    out_dir = args.out if args.out is not None else default_export_dir(Path("."), args.to)
+    try:
+        written = export_embedding(args.file, args.to, out_dir, overwrite=args.overwrite)
+    except OSError as error:
+        if error.strerror is None:  # ours, already one sentence ("... already exists; ...")
+            raise
+        where = error.filename or out_dir
+        raise OSError(f"cannot write the export to {where}: {error.strerror}; choose another --out folder") from None
     for path in written:
         print(path)
     if args.to == "diffusers":
@@ -166,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, OSError) and error.strerror:  # not "[Errno 2] No such file or directory: 'x'"
+            message = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
         if not isinstance(error, (ValueError, OSError, RuntimeError)):
             message = f"unexpected {type(error).__name__}: {message} (rerun with --debug for the traceback)"
         print(f"error: {message}", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,31 @@ def _models_in(folder: Path) -> Iterator[tuple[Path, str]]:
             elif _is_checkpoint_name(entry.name):
                 found.append((path, path.relative_to(folder).as_posix()))
     yield from sorted(found, key=lambda item: item[1].lower())
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_source(source: str) -> str:
+    """What a typed model source is ("checkpoint", "diffusers", "hub id", "demo"), checked without loading it;
+    ValueError (one line, saying what to type) for a path that does not lead to a model."""
+    from .demo import is_demo
+
+    text = source.strip()
+    if is_demo(text):
+        return "demo"
+    path = Path(text).expanduser()
+    if path.is_file():
+        if _is_checkpoint_name(path.name):
+            return "checkpoint"
+        raise ValueError(f"{text} is not a checkpoint: give a .safetensors or .ckpt file, or a diffusers folder")
+    if path.is_dir():
+        if _is_diffusers_model(path):
+            return "diffusers"
+        raise ValueError(f"{text} is a folder but not a diffusers model (no model_index.json with weights)")
+    if HUB_ID.match(text) and not _is_checkpoint_name(text) and not text.startswith("."):
+        return "hub id"
+    raise ValueError(f"no file or folder at {text}: check the path (a checkpoint, a diffusers folder or a hub id)")
 
 
 def _is_checkpoint_name(name: str) -> bool:

@@ -41,13 +41,19 @@ class Embedding:
         return {key: tensor.shape[1] for key, tensor in self.vectors.items()}
 
 
+def check_vector_count(num_vectors: int) -> int:
+    """`num_vectors` when it is a valid count of vectors per token; ValueError (one line) otherwise."""
+    if isinstance(num_vectors, bool) or not isinstance(num_vectors, int) or not 1 <= num_vectors <= MAX_VECTORS:
+        raise ValueError(f"vectors per token must be between 1 and {MAX_VECTORS}, not {num_vectors}")
+    return num_vectors
+
+
 def spread_vectors(rows: torch.Tensor, num_vectors: int) -> torch.Tensor:
     """Spread T token rows [T, d] over N vectors: vector i = row[i * T // N] (A1111's create rule).
 
     Fewer tokens than vectors repeat blockwise (t0 t0 t1 t1), more are subsampled; no tokens give zeros.
     """
-    if not 1 <= num_vectors <= MAX_VECTORS:
-        raise ValueError(f"vectors per token must be between 1 and {MAX_VECTORS}, not {num_vectors}")
+    check_vector_count(num_vectors)
     count, width = rows.shape
     if count == 0:
         return torch.zeros(num_vectors, width, dtype=torch.float32)

@@ -378,6 +378,12 @@ def _export_plan(embedding: Embedding, to: str, out_dir: Path, preview: Path | N
     raise ValueError(f"unknown export format {to!r}; expected one of {', '.join(EXPORT_FORMATS)}")
 
 
+def default_export_dir(root: Path, to: str) -> Path:
+    """Where an export goes when no folder is chosen: ``<root>/exports/<format>``. One folder per format, so
+    exporting a second format of the same embedding is not refused as a second file of the same token."""
+    return Path(root) / "exports" / to
+
+
 def export_embedding(
     path: Path, to: str, out_dir: Path, *, overwrite: bool = False, preview: Path | None = None
 ) -> list[Path]:

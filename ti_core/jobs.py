@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import sys
 import threading
 import time
 import traceback
@@ -42,6 +43,8 @@ class TrainingJob:
             "running": True,
             "phase": "starting",
             "step": 0,
+            "start_step": None,  # set when training starts; None for a run that never got there
+            "log_folder": str(Path(getattr(config, "log_dir", ".")) / getattr(config, "name", "")),
             "total": int(getattr(config, "steps", 0) or 0),
             "loss": None,
             "validation_loss": None,
@@ -141,7 +144,10 @@ class TrainingJob:
                 result = train(model, self.config, self._handle_event, cancel=self._cancel)
             self._finish_with(result)
         except Exception as error:  # the run's failure is reported to the UI as one line, never raised
-            traceback.print_exc()
+            if isinstance(error, (ValueError, OSError)):  # bad input (no images, a refused name): one line
+                print(f"Training {self.config.name} failed: {_one_line(error)}", file=sys.stderr)
+            else:  # a bug: the traceback is what helps
+                traceback.print_exc()
             self._finish(stopped="error", message=f"Training failed: {_one_line(error)}", error=_one_line(error))
 
     def _handle_event(self, event) -> None:
@@ -160,6 +166,8 @@ class TrainingJob:
             changes["message"] = message
         if kind in ("start", "step"):
             changes["phase"] = "training"
+        if kind == "start":  # where this run began: a resumed run's earlier steps are in its run folder
+            changes["start_step"] = int(getattr(event, "step", 0) or 0)
         path = getattr(event, "path", None)
         with self._lock:
             if kind == "step" and loss is not None and math.isfinite(float(loss)):

@@ -32,6 +32,11 @@ def _bad_character(name: str) -> str | None:
     return None
 
 
+def plural(count: int, word: str) -> str:
+    """`1 vector`, `2 vectors`."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def validate_name(name: str) -> str:
     """The name with surrounding whitespace removed; ValueError (one line) when it cannot be a file stem."""
     if not isinstance(name, str):
@@ -97,14 +102,15 @@ def _vocabulary() -> frozenset[str]:
 def suggested_name(name: str) -> str:
     """A name close to ``name`` that works the same in every UI: lowercase, ``_`` for spaces and brackets,
     and ``_ti`` after a vocabulary word (``My Cat`` -> ``my_cat``, ``cat`` -> ``cat_ti``)."""
-    safe = re.sub(r"[\s()\[\]]+", "_", name.strip()).strip("_").lower() or "embedding"
+    # Letters, digits, _ and - only: spaces and brackets, and the dots a file name cannot start or end with.
+    safe = re.sub(r"[^\w-]+", "_", name.strip()).strip("_").lower() or "embedding"
     if safe in _vocabulary():
         safe += "_ti"
     try:
         validate_name(safe)
     except ValueError:  # "con": a Windows device name once lowercased
         safe += "_ti"
-    return safe
+    return safe if safe != "embedding" else "my_embedding"
 
 
 def name_warnings(name: str) -> list[str]:

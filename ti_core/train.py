@@ -44,7 +44,7 @@ from .formats import (
     save_embedding,
     save_embedding_to,
 )
-from .names import embedding_path
+from .names import embedding_path, plural
 from .prompt import Conditioning, PromptTokenCache, TokenizedPrompt, encode_prompts, encode_tokenized
 from .schedule import learning_rate_at, parse_schedule
 
@@ -82,6 +82,17 @@ class TrainResult:
     message: str
     log_dir: Path
     error: BaseException | None = field(default=None, repr=False)
+
+
+class AlreadyTrained(FileExistsError):
+    """Training (not resuming) an embedding that has been trained already."""
+
+    def __init__(self, path: Path, step: int, resume: str = "resume", overwrite: str = "overwrite") -> None:
+        self.path, self.step = path, step
+        super().__init__(
+            f"{path} is already trained to step {step}; {resume} to continue training it (to a step above {step}), "
+            f"or {overwrite} to start again"
+        )
 
 
 class TrainingLocked(RuntimeError):
@@ -213,9 +224,12 @@ def starting_embedding(model, config: TrainConfig, run: RunFolder | None = None)
     if not config.resume:
         refuse_name_clash(config.embeddings_dir, config.name, path, hint="resume to continue training it, or rename")
         if path.exists() and not config.overwrite:
-            raise FileExistsError(
-                f"{path} already exists; resume to continue training it, or overwrite to start again"
-            )
+            # Created (step 0) and never trained: that is the embedding to train, from its initial vectors.
+            existing = load_embedding(path, widths=model.widths)
+            if existing.step > 0:
+                raise AlreadyTrained(path, existing.step)
+            existing.name = config.name
+            return existing, f"training {path.name} as it was created ({plural(existing.num_vectors, 'vector')})"
         return create_embedding(model, config.name, config.init_text, config.vectors), ""
     source = resume_source(config)
     embedding = load_embedding(source, widths=model.widths)
@@ -889,8 +903,21 @@ class RunFolder:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with exclusive_lock(self.folder / ".lock") if self.write else contextlib.nullcontext():
+        """The run's lock. A run that fails to start (no images, a refused name) leaves no empty folder."""
+        if not self.write:
             yield
+            return
+        missing = [folder for folder in (self.folder, *self.folder.parents) if not folder.exists()]
+        try:
+            with exclusive_lock(self.folder / ".lock"):
+                yield
+        except BaseException:
+            if missing:  # the folders this run made (the log folder too, on a first run), as far as they are empty
+                _remove_empty_folders(self.folder)
+                for folder in missing[1:]:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+            raise
 
     def begin(self, start: int) -> None:
         """settings.json, and the loss log of a resumed run kept up to its step."""
@@ -996,6 +1023,16 @@ def vectors_hash(vectors: Mapping[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(vectors[key].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    """Remove `folder` and the folders in it, as far as they hold no file."""
+    for path in sorted(folder.rglob("*"), key=lambda path: len(path.parts), reverse=True):
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 @contextlib.contextmanager

@@ -3,7 +3,9 @@
     python -m ti_core train --model M --embeddings-dir D --name N --images I --steps 2000
 
 Settings come from TrainConfig's defaults, then a JSON file (`--config`, e.g. a run's settings.json),
-then the flags given. Progress is a tqdm bar; Ctrl+C stops after the current step and saves. It runs
+then the flags given; without --resolution the model's own resolution is used. Progress is a line that
+updates in place on a terminal and a plain line every few seconds otherwise; Ctrl+C stops after the current
+step and saves. It runs
 unchanged under `accelerate launch -m ti_core.train_cli ...`: each process trains on its share of the
 batches and only the main one writes. Several CPU processes (gloo) need accelerate's multi-process
 launcher: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m ti_core.train_cli ...`.
@@ -19,7 +21,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +86,11 @@ OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--preview-steps",), "preview_steps", {"type": int}),
     (("--preview-guidance",), "preview_guidance", {"type": float}),
     (("--save-optimizer-state",), "save_optimizer_state", FLAG),
-    (("--resolution",), "data.resolution", {"type": int, "help": "training size in pixels, a multiple of 8"}),
+    (
+        ("--resolution",),
+        "data.resolution",
+        {"type": int, "help": "training size in pixels, a multiple of 8 (default: the model's own)"},
+    ),
     (("--recursive",), "data.recursive", FLAG | {"help": "also read images in subfolders"}),
     (("--buckets",), "data.buckets", FLAG | {"help": "aspect-ratio buckets instead of square crops"}),
     (("--flip",), "data.flip", FLAG | {"help": "mirror images at random"}),
@@ -107,7 +114,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="JSON settings (a run's settings.json); flags override them")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     for flags, setting, options in OPTIONS:
-        default = _default(setting)
+        default = None if setting == "data.resolution" else _default(setting)  # the model's: known once loaded
         help_text = options.get("help", "")
         if default not in (None, ""):
             help_text = f"{help_text} (default: {default})".lstrip()
@@ -143,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         else:
             values[setting] = value
     given = {**values, **{f"data.{key}": value for key, value in data.items()}}
+    args.resolution_from_model = "data.resolution" not in given
     for setting in REQUIRED:
         if setting not in given:
             flag = next(flags[0] for flags, name, _ in OPTIONS if name == setting)
@@ -168,22 +176,48 @@ def _read_settings(path: Path) -> dict[str, Any]:
 def run_train(args: argparse.Namespace) -> int:
     """The `train` command: 0 when the run finished or was interrupted (and saved), else an error."""
     config = config_from_args(args)
-    if not config.data.images.is_dir():  # worth knowing before the slow model load
-        raise ValueError(f"images: {config.data.images} is not a folder")
+    check_before_loading(config)  # every mistake that can be found without the model, before its slow load
     accelerator = _accelerator()
+    main_process = accelerator is None or accelerator.is_main_process
+    if main_process:
+        print(f"Loading {args.model}...", flush=True)
     model = load_model_from_args(args)
+    if getattr(args, "resolution_from_model", False):
+        config.data = dataclasses.replace(config.data, resolution=int(model.resolution))
     _place(model, _device(args, accelerator), config.mixed_precision)
-    from .train import train
+    from .train import AlreadyTrained, train
 
     cancel = threading.Event()
-    main_process = accelerator is None or accelerator.is_main_process
-    with _stop_on_interrupt(cancel), Progress(enabled=main_process) as progress:
-        result = train(model, config, progress, cancel=cancel, accelerator=accelerator)
+    try:
+        with _stop_on_interrupt(cancel), Progress(enabled=main_process) as progress:
+            result = train(model, config, progress, cancel=cancel, accelerator=accelerator)
+    except AlreadyTrained as error:  # trained in the meantime: say it with this command's flags
+        raise ValueError(str(AlreadyTrained(error.path, error.step, "add --resume", "--overwrite"))) from None
     if result.stopped in ("done", "interrupted"):
         if main_process:
             print(result.message)
         return 0
     raise RuntimeError(result.message) from result.error
+
+
+def check_before_loading(config: TrainConfig) -> None:
+    """The images folder and the embedding's state: ValueError/FileExistsError (one line, naming the flags)."""
+    from .formats import load_embedding
+    from .names import embedding_path
+    from .train import AlreadyTrained, resume_source
+
+    if not config.data.images.is_dir():
+        raise ValueError(f"--images {config.data.images} is not a folder")
+    path = embedding_path(config.embeddings_dir, config.name)
+    if config.resume:
+        source = resume_source(config)
+        step = load_embedding(source).step
+        if step >= config.steps:
+            raise ValueError(f"{source} is already trained to step {step}; give --steps above {step} to resume it")
+    elif not config.overwrite and path.is_file():
+        step = load_embedding(path).step
+        if step > 0:
+            raise AlreadyTrained(path, step, "add --resume", "--overwrite")
 
 
 def _accelerator():
@@ -244,33 +278,98 @@ def _stop_on_interrupt(cancel: threading.Event) -> Iterator[None]:
 
 
 class Progress:
-    """Shows TrainEvents: a tqdm bar for the steps (on a terminal), a line for snapshots, previews and
-    validation. The run's last message is printed by run_train."""
+    """Shows TrainEvents. On a terminal one line is redrawn in place (step/total, steps/s, ETA, loss, the last
+    snapshot); otherwise a plain line every `every` seconds and at the end. Snapshots, previews and validation
+    are lines of their own. The run's last message is printed by run_train."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.bar = None
+    def __init__(
+        self,
+        enabled: bool = True,
+        stream=None,
+        live: bool | None = None,
+        every: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.enabled, self.every, self.clock = enabled, every, clock
+        self.stream = stream if stream is not None else sys.stdout
+        self.live = live if live is not None else _is_terminal(self.stream)
+        self.last_snapshot: int | None = None
+        self.shown_at: float | None = None
+        self.pending = ""  # the newest step line not printed yet (plain output)
+        self.drawn = 0  # the width of the live line on screen
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.live and self.drawn:
+            self._write("\n")
+            self.drawn = 0
+        elif self.pending:
+            self._write(self.pending + "\n")
+        self.pending = ""
 
     def __call__(self, event) -> None:
-        from tqdm import tqdm
-
         if not self.enabled:
             return
         if event.kind == "start":
-            print(event.message)
-            self.bar = tqdm(total=event.total, initial=event.step, unit="step", dynamic_ncols=True, disable=None)
-        elif event.kind == "step" and self.bar is not None:
-            self.bar.update(event.step - self.bar.n)
-            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.3g}", refresh=False)
+            self._line(event.message)
+        elif event.kind == "step":
+            self._step(event)
         elif event.kind in ("snapshot", "preview", "validation"):
-            tqdm.write(event.message)
+            if event.kind == "snapshot":
+                self.last_snapshot = event.step
+            self._line(event.message)
+
+    def _step(self, event) -> None:
+        text = step_line(event, self.last_snapshot)
+        if self.live:
+            self._write("\r" + text.ljust(self.drawn))
+            self.drawn = len(text)
+            return
+        now = self.clock()
+        self.pending = text
+        if self.shown_at is None or now - self.shown_at >= self.every or event.step >= event.total:
+            self._write(text + "\n")
+            self.shown_at, self.pending = now, ""
+
+    def _line(self, text: str) -> None:
+        """A line of its own, above the live line (which is drawn again at the next step)."""
+        if self.live and self.drawn:
+            self._write("\r" + " " * self.drawn + "\r")
+            self.drawn = 0
+        self._write(text + "\n")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+
+def step_line(event, last_snapshot: int | None = None) -> str:
+    """`step 12/30  1.32 steps/s  ETA 0:00:14  loss 0.1234  snapshot: step 10` (the parts that are known)."""
+    parts = [f"step {event.step}/{event.total}"]
+    if event.steps_per_second:
+        rate = event.steps_per_second
+        parts.append(f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step")
+    if event.eta_seconds is not None:
+        parts.append(f"ETA {_clock_time(event.eta_seconds)}")
+    if event.loss is not None:
+        parts.append(f"loss {event.loss:.4f}")
+    if last_snapshot is not None:
+        parts.append(f"snapshot: step {last_snapshot}")
+    return "  ".join(parts)
+
+
+def _clock_time(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from ti_core.jobs import TrainingJob, current_job
+from ti_core.names import plural
 
 from .backend import Backend
 from .plot import loss_frame
@@ -46,18 +47,37 @@ def _init_info(backend: Backend, text: str, vectors: float) -> str:
 
 def _dropdown_names(backend: Backend, selected: str | None = None):
     names = embedding_names(backend.embeddings_dir)
-    value = selected if selected in names else (names[0] if names else None)
+    value = selected if selected in names else default_embedding(backend, names)
     return gr.update(choices=names, value=value)
+
+
+def default_embedding(backend: Backend, names: Sequence[str]) -> str | None:
+    """The Train picker's choice when the user has made none: the embedding being trained, else the one written
+    last (the one just created, or just trained), not the alphabetically first."""
+    from ti_core.formats import list_embeddings
+
+    job = current_job()
+    if job is not None and job.running and job.config.name in names:
+        return job.config.name
+    newest: dict[str, float] = {}
+    for path in list_embeddings(backend.embeddings_dir):
+        try:
+            newest[path.stem] = max(newest.get(path.stem, 0.0), path.stat().st_mtime)
+        except OSError:
+            continue
+    candidates = [name for name in names if name in newest]
+    return max(candidates, key=lambda name: newest[name]) if candidates else (names[0] if names else None)
 
 
 def create_action(backend: Backend, name: str, init_text: str, vectors: float, overwrite: bool):
     """Create button: write the embedding file, tell the host, select it in the Train tab."""
     from ti_core.create import create_embedding
+    from ti_core.embedding import check_vector_count
     from ti_core.formats import refuse_name_clash, save_embedding
     from ti_core.names import embedding_path
 
-    vectors = int(vectors)
     try:
+        vectors = check_vector_count(_whole(vectors))  # a typed 0 or 76 is refused, not clamped
         target = embedding_path(backend.embeddings_dir, name)
         if target.exists() and not overwrite:
             raise ValueError(f"{target.name} already exists in {target.parent}; tick Overwrite to replace it")
@@ -67,14 +87,27 @@ def create_action(backend: Backend, name: str, init_text: str, vectors: float, o
     except (ValueError, OSError) as error:
         return _error(error), gr.update()
     backend.reload_embeddings()
-    text = f"Created {embedding.name} ({vectors} vectors, {PROMPT_TOKENS - vectors} prompt tokens left): {path}"
+    text = (
+        f"Created {embedding.name} ({plural(vectors, 'vector')}, {PROMPT_TOKENS - vectors} prompt tokens left): {path}"
+    )
     return _status(text, "ok") + name_warning_action(name), _dropdown_names(backend, embedding.name)
 
 
-def name_warning_action(name: str) -> str:
-    """As the name is typed: what would make it fail silently in some UI (the user may keep it)."""
-    from ti_core.names import name_warnings
+def _whole(value: Any) -> Any:
+    """8.0 -> 8 (gradio 3 sliders give floats); anything else as it is, for the check to name it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
+
+def name_warning_action(name: str) -> str:
+    """As the name is typed: what would make it fail silently in some UI (the user may keep it), or why it
+    cannot be a name at all."""
+    from ti_core.names import name_warnings, validate_name
+
+    if (name or "").strip():
+        try:
+            validate_name(name)
+        except ValueError as error:
+            return _error(error)
     return "".join(_status(f"warning: {warning}", "warning") for warning in name_warnings((name or "").strip()))
 
 
@@ -89,7 +122,7 @@ def export_action(backend: Backend, name: str | None, to: str, folder: str, over
     path = _embedding_file(backend, name)
     if path is None:
         return _missing(backend, name)
-    out_dir = Path(folder.strip()) if folder and folder.strip() else default_export_dir(backend)
+    out_dir = Path(folder.strip()) if folder and folder.strip() else default_export_dir(backend, to)
     try:
         written = export_embedding(path, to, out_dir, overwrite=bool(overwrite))
     except (ValueError, OSError) as error:
@@ -101,10 +134,12 @@ def export_action(backend: Backend, name: str | None, to: str, folder: str, over
     return text
 
 
-def default_export_dir(backend: Backend) -> Path:
-    """Under the log folder, not the embeddings folder: a web UI would load an export there as a second
-    embedding with the same token."""
-    return Path(backend.log_dir) / "exports"
+def default_export_dir(backend: Backend, to: str | None = None) -> Path:
+    """Under the log folder, not the embeddings folder (a web UI would load an export there as a second
+    embedding with the same token), one folder per format: ``exports/<format>`` (``exports`` without one)."""
+    from ti_core.formats import default_export_dir as per_format
+
+    return per_format(Path(backend.log_dir), to) if to else Path(backend.log_dir) / "exports"
 
 
 # Train tab field -> TrainConfig key ("data.x" for DataConfig). The handler receives the components' values
@@ -174,11 +209,25 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
         # An untrained embedding (step 0, as Create wrote it) is "resumed" from its initial vectors: train()
         # only re-creates an embedding from the init text when told to overwrite it.
         config = TrainConfig.from_dict(train_settings(values, name=name, backend=backend, resume=True))
+        if trained_to >= config.steps:
+            raise ValueError(
+                f"{name} is already trained to step {trained_to}: set Steps above {trained_to} to continue it"
+            )
+        _check_images(config)  # before the model loads, and before anything is written
         TrainingJob.start(backend.current_model, config, _host_observer(backend), context=backend.training_context)
     except (ValueError, RuntimeError) as error:
         return _error(error)
     verb = "Resuming" if resume else "Training"
     return _status(f"{verb} {config.name} to step {config.steps}…")
+
+
+def _check_images(config) -> None:
+    """ValueError (one line) when the dataset folder is missing or holds no image the trainer can read."""
+    from ti_core.data import scan_images
+
+    scan = scan_images(config.data)
+    if not scan.items:
+        raise ValueError(f"no training images in {config.data.images}")
 
 
 def _host_observer(backend: Backend) -> Callable[[Any], None]:
@@ -215,13 +264,19 @@ def interrupt_training() -> str:
 
 
 def poll_training(seen: dict | None):
-    """The timer's tick: redraw the progress widgets only for what changed since this page last saw."""
+    """The timer's tick: redraw the progress widgets only for what changed since this page last saw.
+
+    The plot and the previews show the embedding's whole history: what its run folder holds from earlier runs
+    (before a resume) and this run's steps. A run that was refused before its first step leaves the last run's
+    progress, plot and previews as they were; the refusal is the status line above them.
+    """
     seen = dict(seen or {})
     job = current_job()
     snapshot = job.snapshot() if job is not None else None
     version = snapshot["version"] if snapshot else 0
     if version == seen.get("version"):
         return (gr.update(),) * 8 + (seen,)
+    fresh_page = "version" not in seen
     seen["version"] = version
     if snapshot is None:
         return (
@@ -235,30 +290,85 @@ def poll_training(seen: dict | None):
             gr.update(interactive=False),
             seen,
         )
-    plot = gr.update()
-    if len(snapshot["losses"]) != seen.get("losses") or not snapshot["running"]:
-        seen["losses"] = len(snapshot["losses"])
-        plot = loss_frame(snapshot["losses"])
-    gallery = gr.update()
-    if len(snapshot["previews"]) != seen.get("previews"):
-        seen["previews"] = len(snapshot["previews"])
-        gallery = _preview_items(snapshot["previews"])
     running = snapshot["running"]
+    never_started = snapshot.get("start_step") is None and not snapshot["losses"]
+    earlier_losses, earlier_previews = run_history(snapshot.get("log_folder"), snapshot.get("name") or "")
+    start = snapshot.get("start_step")
+    losses = [point for point in earlier_losses if start is None or point[0] <= start] + [
+        point for point in snapshot["losses"] if start is None or point[0] > start
+    ]
+    previews = list(dict.fromkeys([*earlier_previews, *snapshot["previews"]]))
+    plot, gallery = gr.update(), gr.update()
+    keep_last_run = never_started and not running and not fresh_page  # refused or failed before its first step
+    if not keep_last_run:
+        if len(losses) != seen.get("losses") or not running:
+            seen["losses"] = len(losses)
+            plot = loss_frame(losses)
+        if len(previews) != seen.get("previews"):
+            seen["previews"] = len(previews)
+            gallery = _preview_items(previews)
     status = gr.update()
     if not running:
-        kind = "ok" if snapshot.get("stopped") == "done" else ("error" if snapshot.get("error") else "info")
+        stopped = snapshot.get("stopped")
+        kind = {"done": "ok", "interrupted": "warning"}.get(stopped, "error" if snapshot.get("error") else "info")
         status = _status(snapshot.get("message") or "", kind)
+    if never_started and not running:
+        progress = progress_html(None) if fresh_page else gr.update()
+    else:
+        progress = progress_html(snapshot)
     return (
-        progress_html(snapshot),
+        progress,
         plot,
         gallery,
         status,
-        snapshot.get("final_path") or "",
+        gr.update() if keep_last_run else snapshot.get("final_path") or "",
         gr.update(interactive=not running),
         gr.update(interactive=not running),
         gr.update(interactive=running),
         seen,
     )
+
+
+_history_cache: dict[str, tuple[tuple, list]] = {}
+
+
+def run_history(folder: str | None, name: str) -> tuple[list[tuple[int, float]], list[str]]:
+    """The (step, loss) rows of `<folder>/loss.csv` and the preview images in `<folder>/images`, by step: an
+    embedding's history across its runs. The loss file is read again only when it changed."""
+    import csv
+
+    if not folder:
+        return [], []
+    root = Path(folder)
+    losses: list[tuple[int, float]] = []
+    path = root / "loss.csv"
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is not None:
+        key = (stat.st_mtime_ns, stat.st_size)
+        cached = _history_cache.get(str(path))
+        if cached is None or cached[0] != key:
+            rows = []
+            try:
+                with open(path, newline="", encoding="utf-8") as handle:
+                    for row in csv.DictReader(handle):
+                        try:
+                            rows.append((int(row["step"]), float(row["loss"])))
+                        except (KeyError, TypeError, ValueError):
+                            continue
+            except OSError:
+                rows = []
+            cached = _history_cache[str(path)] = (key, rows)
+        losses = list(cached[1])
+    pattern = re.compile(rf"^{re.escape(name)}-(\d+)$")
+    images = []
+    for image in (root / "images").glob("*.png") if (root / "images").is_dir() else []:
+        match = pattern.match(image.stem)
+        if match:
+            images.append((int(match.group(1)), str(image)))
+    return losses, [path for _, path in sorted(images)]
 
 
 def _preview_items(paths: Sequence[str]) -> list:

@@ -136,10 +136,14 @@ class StandaloneBackend(Backend):
         return list(self._sources)
 
     def select_model(self, label: str | None) -> str:
-        """Pick a model by its label, or a typed path or hub id; it is loaded when first needed."""
+        """Pick a model by its label, or a typed path or hub id; it is loaded when first needed. A typed source
+        that cannot be a model (a mistyped path) is refused at once: ValueError, the selection unchanged."""
+        from ti_core.discovery import check_model_source
+
         label = (label or "").strip()
         if label and label not in self._sources:
-            self._given[label] = label  # typed: a file, a folder or a hub id, checked when it is loaded
+            check_model_source(label)
+            self._given[label] = label  # typed: a file, a folder or a hub id
             self._sources[label] = label
         if label and label != self.selected:
             with self._lock:

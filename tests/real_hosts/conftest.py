@@ -139,15 +139,18 @@ def webui(kit, installed, workspace, facts, request) -> Server:
             _report(request.config, line)
 
 
-@pytest.fixture(scope="session")
-def browser():
+@pytest.fixture(scope="module")
+def browser(webui):
+    """Chromium, opened only once the web UI is up (a missing kit skips before any browser exists) and closed
+    with the module: playwright's sync API runs an event loop on this thread while a browser is open, and the
+    browser tests of later modules start their own."""
     with chromium_browser() as browser:
         yield browser
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def page(browser, webui):
-    """One browser tab on the web UI for the session (its page takes a while to build)."""
+    """One browser tab on the web UI for the module (its page takes a while to build)."""
     from a1111_page import A1111Page
 
     context = browser.new_context(viewport={"width": 1500, "height": 1100})

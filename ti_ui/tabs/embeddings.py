@@ -30,12 +30,13 @@ def _try_panel(backend: Backend) -> None:
                 guidance = _make(
                     gr.Slider, minimum=0, maximum=20, step=0.5, value=7, label="CFG scale", elem_id="ti_try_guidance"
                 )
+            size = backend.default_resolution()  # the model's own: 512 on the 64-pixel demo model takes minutes
             with gr.Row():
                 width = _make(
-                    gr.Slider, minimum=64, maximum=2048, step=8, value=512, label="Width", elem_id="ti_try_width"
+                    gr.Slider, minimum=64, maximum=2048, step=8, value=size, label="Width", elem_id="ti_try_width"
                 )
                 height = _make(
-                    gr.Slider, minimum=64, maximum=2048, step=8, value=512, label="Height", elem_id="ti_try_height"
+                    gr.Slider, minimum=64, maximum=2048, step=8, value=size, label="Height", elem_id="ti_try_height"
                 )
             button = _make(gr.Button, value="Generate", variant="primary", elem_id="ti_try_button")
             status = _make(gr.HTML, value="", elem_id="ti_try_status")
@@ -73,7 +74,8 @@ def _embeddings_tab(backend: Backend):
             export_dir = _make(
                 gr.Textbox,
                 label="Export folder",
-                value=str(default_export_dir(backend)),
+                value="",
+                placeholder=f"empty: {default_export_dir(backend, 'FORMAT')} (one folder per format)",
                 elem_id="ti_export_dir",
                 scale=3,
             )

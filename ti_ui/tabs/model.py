@@ -9,6 +9,15 @@ from ..compat import _make, _refresh_button
 from ..render import _status
 
 
+def model_status_action(backend: StandaloneBackend, label: str | None) -> str:
+    """The status under the picker: the model chosen, or why a typed one cannot be (the last one stays)."""
+    try:
+        return _status(backend.select_model(label))
+    except ValueError as error:
+        still = f" (still using {backend.selected})" if backend.selected else ""
+        return _status(f"{str(error).splitlines()[0]}{still}", "error")
+
+
 def _model_row(backend: StandaloneBackend) -> None:
     with gr.Row():
         choices = backend.model_choices(rescan=False)  # the start-up scan is a moment old
@@ -33,5 +42,5 @@ def _model_row(backend: StandaloneBackend) -> None:
         value = current if current in options else backend.selected if backend.selected in options else None
         return gr.update(choices=options, value=value)
 
-    picker.change(lambda label: _status(backend.select_model(label)), picker, status)
+    picker.change(lambda label: model_status_action(backend, label), picker, status)
     refresh.click(refreshed, picker, picker)
