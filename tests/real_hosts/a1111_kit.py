@@ -10,6 +10,8 @@ the working tree (`git archive`), run its install.py as the web UI does, start t
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -67,6 +69,16 @@ def default_dest(kit: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"ti-a1111-{kit_hash(kit)}"
 
 
+@contextlib.contextmanager
+def build_lock(dest: Path):
+    """Hold `<dest>.lock` while a kit is built, so a build started beforehand (CI starts the kits' setup.sh in
+    the background with `flock <dest>.lock`, while other suites run) is waited for instead of run twice."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{dest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _run(command: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
 
@@ -101,10 +113,12 @@ class Kit:
 
     def build(self) -> list[str]:
         """setup.sh once (a finished DEST is reused as it is); returns what was done, for the log."""
-        if (self.dest / "setup-state" / "tiny-ckpt.ok").is_file() and self.python.is_file():
-            return []
         started = time.monotonic()
-        result = _run(["bash", str(self.kit / "setup.sh"), str(self.dest)], timeout=3600)
+        with build_lock(self.dest):
+            waited = time.monotonic() - started
+            if (self.dest / "setup-state" / "tiny-ckpt.ok").is_file() and self.python.is_file():
+                return [f"built beforehand, waited {waited:.0f} s for it"] if waited > 1 else []
+            result = _run(["bash", str(self.kit / "setup.sh"), str(self.dest)], timeout=3600)
         if result.returncode != 0:
             raise RuntimeError(f"the kit's setup.sh failed:\n{_tail(result.stdout + result.stderr)}")
         return [f"setup.sh {time.monotonic() - started:.0f} s"]

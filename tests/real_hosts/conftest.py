@@ -1,4 +1,5 @@
-"""Fixtures for tests against the real AUTOMATIC1111 web UI: one build, one install, one server per session.
+"""Fixtures for tests against the real AUTOMATIC1111 web UI: one build, one install, one server for the A1111 module (stopped when it ends, before
+the next web UI starts: two full-size web UIs do not fit beside the suite).
 
 Skipped, saying why, when the host kit is not there; under TI_REQUIRE_A1111=1 (CI) that is a failure.
 Env: TI_A1111_KIT (the kit; default ../shared/hosts/a1111 beside the repository), TI_A1111_DEST (the built
@@ -56,7 +57,7 @@ def _report(config, line: str) -> None:
             print(f"[a1111] {line}", flush=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kit(request) -> Kit:
     folder = kit_folder()
     if not (folder / "setup.sh").is_file():
@@ -73,7 +74,7 @@ def kit(request) -> Kit:
     return built
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def installed(kit, request) -> Installed:
     """The extension from this working tree in the web UI's extensions/, and its install.py run there as the
     web UI runs it at launch, on the web UI as users get it (without diffusers), then once more."""
@@ -102,18 +103,18 @@ def installed(kit, request) -> Installed:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("a1111")
     return {"embeddings": root / "embeddings", "data": make_dataset(root / "data"), "root": root}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def facts() -> Facts:
     return Facts()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def webui(kit, installed, workspace, facts, request) -> Server:
     """The web UI on the full-size random SD1.5 checkpoint (the tiny one selectable), with the extension."""
     workspace["embeddings"].mkdir(parents=True, exist_ok=True)
@@ -140,16 +141,16 @@ def webui(kit, installed, workspace, facts, request) -> Server:
 
 
 @pytest.fixture(scope="module")
-def browser(webui):
-    """Chromium, opened only once the web UI is up (a missing kit skips before any browser exists) and closed
-    with the module: playwright's sync API runs an event loop on this thread while a browser is open, and the
-    browser tests of later modules start their own."""
+def browser():
+    """Chromium for one module, closed with it: playwright's sync API runs an event loop on this thread while a
+    browser is open, and the browser tests of later modules start their own. Fixtures and tests ask for their
+    web UI before the browser, so a missing kit skips before any browser exists."""
     with chromium_browser() as browser:
         yield browser
 
 
 @pytest.fixture(scope="module")
-def page(browser, webui):
+def page(webui, browser):
     """One browser tab on the web UI for the module (its page takes a while to build)."""
     from a1111_page import A1111Page
 

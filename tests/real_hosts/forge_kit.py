@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from a1111_kit import ROOT, HttpError, InstallRun, Kit, Server, _run, _tail, kit_hash
+from a1111_kit import ROOT, HttpError, InstallRun, Kit, Server, _run, _tail, build_lock, kit_hash
 
 KIT_ENV, DEST_ENV, REQUIRE_ENV, PORT_ENV = "TI_FORGE_KIT", "TI_FORGE_DEST", "TI_REQUIRE_FORGE", "TI_FORGE_PORT"
 # What Forge pinned (requirements_versions.txt) and an extension's install.py must leave as it found it.
@@ -53,10 +53,12 @@ class ForgeKit(Kit):
     def build(self) -> list[str]:
         """setup.sh, which reuses every finished step (a DEST built beforehand, e.g. while other suites ran,
         costs a second here)."""
-        if (self.dest / "setup-state" / "tiny-ckpt.ok").is_file() and self.python.is_file():
-            return []
         started = time.monotonic()
-        result = _run(["bash", str(self.kit / "setup.sh"), str(self.dest)], timeout=3600)
+        with build_lock(self.dest):
+            waited = time.monotonic() - started
+            if (self.dest / "setup-state" / "tiny-ckpt.ok").is_file() and self.python.is_file():
+                return [f"built beforehand, waited {waited:.0f} s for it"] if waited > 1 else []
+            result = _run(["bash", str(self.kit / "setup.sh"), str(self.dest)], timeout=3600)
         if result.returncode != 0:
             raise RuntimeError(f"the forge kit's setup.sh failed:\n{_tail(result.stdout + result.stderr)}")
         return [f"setup.sh {time.monotonic() - started:.0f} s"]

@@ -136,7 +136,7 @@ def forge(forge_kit, forge_installed, forge_workspace, facts, request):
 
 
 @pytest.fixture(scope="module")
-def forge_page(browser, forge):
+def forge_page(forge, browser):
     context = browser.new_context(viewport={"width": 1500, "height": 1100})
     tab = context.new_page()
     loopback_only(tab)
