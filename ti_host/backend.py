@@ -13,7 +13,7 @@ from typing import Any
 from ti_core.jobs import TrainingJob, current_job
 from ti_ui.backend import Backend
 
-from . import dependencies, settings
+from . import dependencies, sdnext, settings
 from .context import Watcher, host_job, host_model_freed, queue_slot
 from .host import Host, default_mixed_precision
 
@@ -159,7 +159,7 @@ class HostBackend(Backend):
         owner = self._owner_ref() if self._owner_ref is not None else None
         if owner is None or owner is not self.host.loaded_model():
             return False
-        first = next(owner.parameters(), None)
+        first = sdnext.first_parameter(owner)
         return first is not None and first.data_ptr() == self._owner_probe
 
     def _forget_shared(self, _gone=None) -> None:
@@ -171,6 +171,9 @@ class HostBackend(Backend):
         """A TIModel sharing the web UI's loaded tensors, or None where that is not possible."""
         from ti_core.shared_weights import model_from_tensors, original_config_from_yaml, strip_wrappers
 
+        pipeline = self.host.loaded_model()
+        if sdnext.is_pipeline(pipeline):
+            return self._model_over_pipeline(pipeline, path)
         weights = self.host.model_weights()
         if weights is None or weights.owner is self._unshareable():
             return None  # the file is loaded instead (and not on every refresh: the UI asks often)
@@ -191,6 +194,23 @@ class HostBackend(Backend):
         # a second each); dropped as soon as the web UI replaces or frees that model.
         self._owner_ref = weakref.ref(weights.owner, self._forget_shared)
         first = next(weights.owner.parameters(), None)
+        self._owner_probe = first.data_ptr() if first is not None else None
+        self._shared_model = model
+        return model
+
+    def _model_over_pipeline(self, pipeline: Any, path: Path):
+        """A TIModel over SD.Next's loaded pipeline modules, or None (said once per model) where they cannot be
+        used as they are."""
+        if pipeline is self._unshareable():
+            return None
+        reason = sdnext.unshareable_reason(pipeline)
+        if reason:
+            log.warning("training on a copy of %s: SD.Next's loaded model cannot be shared: %s", path, reason)
+            self._unshareable = weakref.ref(pipeline)
+            return None
+        model = sdnext.model_over_pipeline(pipeline, path)
+        self._owner_ref = weakref.ref(pipeline, self._forget_shared)
+        first = sdnext.first_parameter(pipeline)
         self._owner_probe = first.data_ptr() if first is not None else None
         self._shared_model = model
         return model
@@ -261,11 +281,14 @@ class HostBackend(Backend):
             with host_job(self.host), Watcher(tick):
                 # Training on the web UI's own tensors leaves its model where it is; only a copy loaded
                 # from the file needs the room on the GPU that the web UI's model takes.
-                shared = self.host.model_weights() is not None
+                pipeline = self.host.loaded_model()
+                on_pipeline = sdnext.is_pipeline(pipeline) and sdnext.unshareable_reason(pipeline) is None
+                shared = on_pipeline or self.host.model_weights() is not None
                 unload = not shared and bool(settings.value(self.host, "ti_trainer_unload_model"))
                 keep = _shared if shared else _kept
+                lent = sdnext.borrowed(pipeline) if on_pipeline else contextlib.nullcontext()
                 try:
-                    with (host_model_freed if unload else keep)(self.host, self._release_model) as how:
+                    with (host_model_freed if unload else keep)(self.host, self._release_model) as how, lent:
                         log.info("training; the web UI's model: %s", how)
                         self._training = True
                         try:
