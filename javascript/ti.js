@@ -47,8 +47,15 @@
         return PROMPT_NAMES[id];
     }
 
+    // By id first, then inside: a web UI's page has tens of thousands of elements, and this runs often.
+    function byId(id) {
+        var root = appRoot();
+        return root.getElementById ? root.getElementById(id) : root.querySelector("#" + id);
+    }
+
     function promptTextarea(id) {
-        return appRoot().querySelector("#" + id + " textarea");
+        var element = byId(id);
+        return element && element.querySelector("textarea");
     }
 
     function shown(element) {
@@ -222,7 +229,7 @@
     var pollDone = 0;
 
     function buttonIn(id) {
-        var element = appRoot().querySelector("#" + id);
+        var element = byId(id);
         if (element && element.tagName !== "BUTTON") {
             element = element.querySelector("button");
         }
@@ -240,7 +247,7 @@
             return;
         }
         var button = buttonIn("ti_train_poll");
-        if (!button || !(shown(appRoot().querySelector("#ti_train_progress")) || trainingRuns())) {
+        if (!button || !(shown(byId("ti_train_progress")) || trainingRuns())) {
             return;
         }
         pollSent = now;
@@ -280,7 +287,7 @@
             onAfterUiUpdate(checkWritten); // the web UI's hook: after its page changed (debounced)
         }
         tick();
-        setInterval(tick, 250);
+        setInterval(tick, 500);
     }
 
     if (typeof onUiLoaded === "function") {
