@@ -201,6 +201,11 @@
 
     function refreshHostCards() {
         var buttons = appRoot().querySelectorAll('[id$="_textual_inversion_extra_refresh_internal"]');
+        if (!buttons.length) {
+            // SD.Next: a networks panel per generate view, each re-listed by its own refresh button (its
+            // embedding database is reloaded already: the listing is what is stale).
+            buttons = appRoot().querySelectorAll("#control_extra_refresh, #txt2img_extra_refresh, #img2img_extra_refresh");
+        }
         for (var i = 0; i < buttons.length; i++) {
             buttons[i].dispatchEvent(new Event("click"));
         }

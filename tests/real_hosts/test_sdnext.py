@@ -41,6 +41,9 @@ def sdnext_kit() -> Kit:
         if required():
             pytest.fail(f"TI_REQUIRE_SDNEXT=1, but {why}")
         pytest.skip(why)
+    if not (required() or os.environ.get(DEST_ENV)):
+        # Building SD.Next takes about 9 minutes and 3.3 GB: only when asked to.
+        pytest.skip(f"set {DEST_ENV} to a built sdnext kit, or TI_REQUIRE_SDNEXT=1 to build one")
     kit = Kit(folder, Path(os.environ.get(DEST_ENV) or default_dest(folder)))
     kit.build()
     return kit
@@ -55,6 +58,10 @@ def sdnext_workspace(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def sdnext_installed(sdnext_kit) -> dict:
+    """The extension from this working tree, on SD.Next as users get it: without the CLIP package our
+    install.py adds (SD.Next has none), which an earlier start of this DEST installed."""
+    if sdnext_kit.has("openai-clip"):
+        sdnext_kit.pip("uninstall", "-y", "openai-clip")
     before = sdnext_kit.versions()
     sdnext_kit.install_extension()
     return {"before": before}
@@ -92,6 +99,7 @@ def sdnext(sdnext_kit, sdnext_installed, sdnext_workspace):
     server.after = sdnext_kit.versions()
     yield server
     sdnext_kit.stop()
+    sdnext_kit.set_options(embeddings_dir=None)  # SD.Next's own folder again for whoever starts it next
 
 
 def _open(browser, server, tab_button: str):
@@ -236,7 +244,7 @@ def sdnext_standard_sdxl(sdnext, sdnext_kit, sdnext_workspace):
     server = _start(sdnext_kit, sdnext_workspace, model=TINY_SDXL, theme="standard")
     yield server
     sdnext_kit.stop()
-    sdnext_kit.set_options(theme_type=None)
+    sdnext_kit.set_options(theme_type=None, embeddings_dir=None)
 
 
 def test_sdxl_in_the_standard_theme(sdnext_standard_sdxl, sdnext_workspace, browser):
