@@ -152,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON line per run instead")
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.1,
+        help="seconds between progress requests (SD.Next allows 300 API requests a minute: use 0.5 there)",
+    )
     args = parser.parse_args(argv)
     body = {
         "name": args.name,
@@ -163,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         "preview_steps": 1,
     }
     for run in range(1, args.runs + 1):
-        figures, snapshot = measure_run(args.url, args.pid, lambda: request(args.url, "POST", "/ti/v1/train", body))
+        figures, snapshot = measure_run(
+            args.url, args.pid, lambda: request(args.url, "POST", "/ti/v1/train", body), poll=args.poll
+        )
         if args.json:
             print(json.dumps({"run": run, **asdict(figures), "message": snapshot.get("message")}))
         else:

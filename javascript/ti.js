@@ -1,6 +1,8 @@
-// Textual Inversion tab: clicking an embedding card adds its token to the last-focused prompt, and a
-// second click removes it, as the web UIs' own extra-network cards do; and when the tab has written an
-// embedding file, the web UI's own Textual Inversion card lists are refreshed, so the new one shows there.
+// Textual Inversion tab: clicking an embedding card adds its token to the prompt the user works in, and a
+// second click removes it, as the web UIs' own extra-network cards do; when the tab has written an
+// embedding file, the web UI's own Textual Inversion card lists are refreshed, so the new one shows there;
+// the Train tab's progress is fetched about once a second by clicking its hidden update button; and where
+// the web UI derives the tab's label from its id (SD.Next's Modern UI), the label is put right.
 //
 // The web UIs inject this file into every page, so it must never disturb them: one IIFE, no globals but a
 // load guard, and listeners on the document (delegation), so cards re-rendered by a Refresh keep working
@@ -12,24 +14,52 @@
     }
     window.__tiTextualInversionLoaded = true;
 
-    // Prompt boxes a card may write into: ours (standalone) first, then the host's txt2img/img2img ones.
+    // Prompt boxes a card may write into: ours (standalone) first, then the web UIs' generate views:
+    // txt2img, img2img, and SD.Next's control view (its Modern UI's "Generate" view, where the classic
+    // txt2img/img2img boxes stay in the page but hidden).
     var PROMPT_IDS = [
         "ti_try_prompt", "ti_try_negative",
-        "txt2img_prompt", "txt2img_neg_prompt", "img2img_prompt", "img2img_neg_prompt"
+        "txt2img_prompt", "txt2img_neg_prompt", "img2img_prompt", "img2img_neg_prompt",
+        "control_prompt", "control_neg_prompt"
     ];
     var PROMPT_NAMES = {
         ti_try_prompt: "Try-it prompt", ti_try_negative: "Try-it negative prompt",
         txt2img_prompt: "txt2img prompt", txt2img_neg_prompt: "txt2img negative prompt",
-        img2img_prompt: "img2img prompt", img2img_neg_prompt: "img2img negative prompt"
+        img2img_prompt: "img2img prompt", img2img_neg_prompt: "img2img negative prompt",
+        control_prompt: "control prompt", control_neg_prompt: "control negative prompt"
     };
+    // The box the user works in: the one last focused, or else the main prompt of the generate view last
+    // seen on screen (the user clicks a card on our tab, where every generate view is hidden).
     var lastPromptId = null;
 
     function appRoot() {
         return typeof gradioApp === "function" ? gradioApp() : document;
     }
 
+    function isModernUi() {
+        return !!document.querySelector("#split-app") || !!appRoot().querySelector("#split-app");
+    }
+
+    function promptName(id) {
+        if (isModernUi() && id.indexOf("control_") === 0) {
+            return id === "control_prompt" ? "Generate prompt" : "Generate negative prompt";
+        }
+        return PROMPT_NAMES[id];
+    }
+
+    // By id first, then inside: a web UI's page has tens of thousands of elements, and this runs often.
+    function byId(id) {
+        var root = appRoot();
+        return root.getElementById ? root.getElementById(id) : root.querySelector("#" + id);
+    }
+
     function promptTextarea(id) {
-        return appRoot().querySelector("#" + id + " textarea");
+        var element = byId(id);
+        return element && element.querySelector("textarea");
+    }
+
+    function shown(element) {
+        return !!element && element.getClientRects().length > 0;
     }
 
     function promptIdOf(element) {
@@ -41,13 +71,31 @@
         return null;
     }
 
+    // Called often (see tick): when the remembered box is off screen and a generate view is on screen,
+    // that view's main prompt becomes the target; a focused box of the same view stays the target.
+    function noteShownPrompt() {
+        if (lastPromptId && shown(promptTextarea(lastPromptId))) {
+            return;
+        }
+        for (var i = 0; i < PROMPT_IDS.length; i++) {
+            if (PROMPT_IDS[i].indexOf("neg") < 0 && shown(promptTextarea(PROMPT_IDS[i]))) {
+                lastPromptId = PROMPT_IDS[i];
+                return;
+            }
+        }
+    }
+
     function targetPromptId() {
+        noteShownPrompt();
         if (lastPromptId && promptTextarea(lastPromptId)) {
             return lastPromptId;
         }
-        for (var i = 0; i < PROMPT_IDS.length; i++) {
-            if (PROMPT_IDS[i].indexOf("neg") < 0 && promptTextarea(PROMPT_IDS[i])) {
-                return PROMPT_IDS[i];
+        // Nothing seen yet: the view a user starts in. SD.Next's Modern UI starts in its control view and
+        // hides the classic boxes; elsewhere txt2img comes first.
+        var order = isModernUi() ? ["control_prompt"].concat(PROMPT_IDS) : PROMPT_IDS;
+        for (var i = 0; i < order.length; i++) {
+            if (order[i].indexOf("neg") < 0 && promptTextarea(order[i])) {
+                return order[i];
             }
         }
         return null;
@@ -107,7 +155,7 @@
         var removed = withoutToken(textarea.value, token);
         textarea.value = removed === null ? withToken(textarea.value, token) : removed;
         tellGradio(textarea);
-        announce((removed === null ? "Added " + token + " to the " : "Removed " + token + " from the ") + PROMPT_NAMES[id]);
+        announce((removed === null ? "Added " + token + " to the " : "Removed " + token + " from the ") + promptName(id));
     }
 
     function cardOf(event) {
@@ -153,6 +201,11 @@
 
     function refreshHostCards() {
         var buttons = appRoot().querySelectorAll('[id$="_textual_inversion_extra_refresh_internal"]');
+        if (!buttons.length) {
+            // SD.Next: a networks panel per generate view, each re-listed by its own refresh button (its
+            // embedding database is reloaded already: the listing is what is stale).
+            buttons = appRoot().querySelectorAll("#control_extra_refresh, #txt2img_extra_refresh, #img2img_extra_refresh");
+        }
         for (var i = 0; i < buttons.length; i++) {
             buttons[i].dispatchEvent(new Event("click"));
         }
@@ -170,13 +223,76 @@
         }
     }
 
+    // The Train tab's progress: a click on its hidden update button (ti_ui.compat._poll) about once a
+    // second while the tab is on screen, or while a run goes (its Interrupt button is enabled), so the end
+    // of a run reaches this page (and refreshHostCards) wherever the user is. One click at a time: the
+    // next waits for the answer to the last (the "ti-poll-done" event), or for POLL_LOST_MS if an answer
+    // never comes. No gradio timer: every= and gr.Timer do not work under every web UI's gradio queue.
+    var POLL_MS = 1000;
+    var POLL_LOST_MS = 15000;
+    var pollSent = 0;
+    var pollDone = 0;
+
+    function buttonIn(id) {
+        var element = byId(id);
+        if (element && element.tagName !== "BUTTON") {
+            element = element.querySelector("button");
+        }
+        return element;
+    }
+
+    function trainingRuns() {
+        var interrupt = buttonIn("ti_train_interrupt");
+        return !!interrupt && !interrupt.disabled;
+    }
+
+    function pollProgress() {
+        var now = Date.now();
+        if (document.hidden || (pollSent && now - pollSent < POLL_LOST_MS) || now - pollDone < POLL_MS) {
+            return;
+        }
+        var button = buttonIn("ti_train_poll");
+        if (!button || !(shown(byId("ti_train_progress")) || trainingRuns())) {
+            return;
+        }
+        pollSent = now;
+        button.click();
+    }
+
+    function onPollDone() {
+        pollSent = 0;
+        pollDone = Date.now();
+    }
+
+    // SD.Next's Modern UI makes a left-bar button per extension tab, labelled from the tab's id with
+    // "tab_" and "_tab" cut off: "ti" for ours (id ti_tab, which stays: it is public). Name it.
+    var TAB_TITLE = "Textual Inversion";
+
+    function labelTabButton() {
+        var button = document.querySelector('button[tabitemid*="#tab_ti_tab_tabitem"]');
+        var label = button && button.querySelector("span");
+        if (label && label.textContent !== TAB_TITLE) {
+            label.textContent = TAB_TITLE;
+            button.setAttribute("title", TAB_TITLE);
+        }
+    }
+
+    function tick() {
+        pollProgress();
+        noteShownPrompt();
+        labelTabButton();
+    }
+
     function start() {
         document.addEventListener("focusin", onFocus, true);
         document.addEventListener("click", onClick, false);
+        document.addEventListener("ti-poll-done", onPollDone);
         if (typeof onAfterUiUpdate === "function") {
             checkWritten();
             onAfterUiUpdate(checkWritten); // the web UI's hook: after its page changed (debounced)
         }
+        tick();
+        setInterval(tick, 500);
     }
 
     if (typeof onUiLoaded === "function") {

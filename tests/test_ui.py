@@ -376,6 +376,35 @@ def test_train_shows_progress_loss_plot_and_previews(ui, app):
 
 
 @pytest.mark.ui
+def test_every_open_page_follows_a_run_and_a_late_one_shows_how_it_ended(ui, browser, app):
+    """Progress reaches every browser session, not only the one that pressed Train: each page asks for it
+    with ordinary clicks of its own (no gradio timer, which some web UIs' queues drop)."""
+    _create(ui, "ui-watched", 1)
+    ui.click("ti_create_button")
+    ui.wait_text("ti_create_status", r"Created ui-watched")
+    other_context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    other = UiPage(other_context.new_page(), app["url"])
+    loopback_only(other.page)
+    other.open().tab("Train")
+    other.wait_text("ti_train_progress", r"No training run yet|Step")
+    _train_form(ui, app, steps=6, preview_every=3)
+    ui.choose("ti_train_embedding", "ui-watched")
+    ui.click("ti_train_button")
+    other.wait_text("ti_train_progress", r"Step [1-6] / 6", timeout=60)
+    other.wait_text("ti_train_progress", r"Step 6 / 6.*took", timeout=90)
+    other.wait_text("ti_train_status", r"Trained ui-watched to step 6")
+    other.page.wait_for_function("() => document.querySelectorAll('#ti_train_previews img').length >= 2")
+    ui.wait_text("ti_train_status", r"Trained ui-watched to step 6")
+    late = UiPage(other_context.new_page(), app["url"])  # opened after the run: shows how it ended
+    loopback_only(late.page)
+    late.open().tab("Train")
+    late.wait_text("ti_train_progress", r"Step 6 / 6.*took", timeout=30)
+    late.wait_text("ti_train_status", r"Trained ui-watched to step 6")
+    assert not other.errors and not late.errors
+    other_context.close()
+
+
+@pytest.mark.ui
 def test_interrupt_saves_the_embedding_and_says_so(ui, app):
     _create(ui, "ui-interrupted", 1)
     ui.click("ti_create_button")
@@ -591,6 +620,65 @@ def test_inside_a_host_page_cards_write_to_the_last_focused_prompt(browser, tiny
         # The progress poller runs inside the host's page too: it shows how the last run ended.
         _failed_run(tmp_path)
         ui.wait_text("ti_train_status", r"Training failed: no model in this test")
+        assert not ui.errors
+        context.close()
+    finally:
+        stop_app(host_page)
+
+
+@pytest.mark.ui
+def test_a_card_goes_to_the_prompt_of_the_view_the_user_came_from(browser, tiny_models, tmp_path):
+    """In a web UI the cards are on our tab, where every generate view is hidden: the token goes to the
+    prompt of the view last on screen (txt2img, img2img, SD.Next's control view), or to the box last
+    focused there, not to the first prompt in the page; the status names the box."""
+    save_embedding(create_embedding(tiny_models["sd1"], "view-card", "dog", 1), tmp_path / "emb")
+    tab = extension.create_ui(extension.Backend(tmp_path / "emb", tmp_path / "log"))
+    with gr.Blocks() as host_page:
+        with gr.Tabs():
+            with gr.Tab("Text"):
+                gr.Textbox(label="Prompt", elem_id="txt2img_prompt")
+            with gr.Tab("Image"):
+                gr.Textbox(label="Prompt", elem_id="img2img_prompt")
+                gr.Textbox(label="Negative prompt", elem_id="img2img_neg_prompt")
+            with gr.Tab("Control"):
+                gr.Textbox(label="Prompt", elem_id="control_prompt")
+                gr.Textbox(label="Negative prompt", elem_id="control_neg_prompt")
+            with gr.Tab("Textual Inversion"):
+                tab.render()
+        host_page.load(None, None, None, **extension._js(extension._client_script()))
+    port = free_port()
+    host_page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        loopback_only(page)
+        ui = UiPage(page, f"http://127.0.0.1:{port}/")
+        page.goto(ui.url)
+        page.wait_for_selector("#txt2img_prompt", timeout=30_000)
+        card = page.locator('#ti_embeddings_list .ti-card[data-ti-name="view-card"]')
+
+        def host_tab(label):
+            page.get_by_role("tab", name=label).or_(page.locator(".tab-nav button", has_text=label)).first.click()
+
+        def click_card():
+            host_tab("Textual Inversion")
+            ui.tab("Embeddings")
+            card.wait_for(timeout=30_000)
+            card.click()
+
+        host_tab("Control")
+        ui.field("control_prompt").wait_for(timeout=10_000)
+        page.wait_for_timeout(600)  # the script notes the view on screen a few times a second
+        click_card()
+        ui.wait_text("ti_embeddings_insert_status", r"Added view-card to the control prompt")
+        assert ui.value("control_prompt") == "view-card"
+        host_tab("Image")
+        ui.field("img2img_neg_prompt").fill("blurry")  # typed in: the focused box wins
+        click_card()
+        ui.wait_value("img2img_neg_prompt", r"^blurry view-card$")
+        ui.wait_text("ti_embeddings_insert_status", r"Added view-card to the img2img negative prompt")
+        assert ui.value("img2img_prompt") == "" and ui.value("control_prompt") == "view-card"
+        assert ui.value("txt2img_prompt") == ""
         assert not ui.errors
         context.close()
     finally:

@@ -41,7 +41,9 @@ class TextEncoder:
 
     @property
     def token_table(self) -> torch.Tensor:
-        return self.model.get_input_embeddings().weight
+        """The token embeddings of this tokenizer's vocabulary (a view). A web UI's encoder may have more rows:
+        SD.Next appends one per loaded embedding, which no token of ours refers to."""
+        return self.model.get_input_embeddings().weight[: len(self.tokenizer)]
 
 
 @dataclass

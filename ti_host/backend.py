@@ -13,7 +13,7 @@ from typing import Any
 from ti_core.jobs import TrainingJob, current_job
 from ti_ui.backend import Backend
 
-from . import dependencies, settings
+from . import dependencies, sdnext, settings
 from .context import Watcher, host_job, host_model_freed, queue_slot
 from .host import Host, default_mixed_precision
 
@@ -171,7 +171,10 @@ class HostBackend(Backend):
         """A TIModel sharing the web UI's loaded tensors, or None where that is not possible."""
         from ti_core.shared_weights import model_from_tensors, original_config_from_yaml, strip_wrappers
 
-        if self.host.loaded_model() is self._unshareable():
+        loaded = self.host.loaded_model()
+        if sdnext.is_pipeline(loaded):
+            return self._model_over_pipeline(loaded, path)
+        if loaded is self._unshareable():
             return None  # the file is loaded instead (and not on every refresh: the UI asks often)
         try:
             weights = self.host.model_weights()
@@ -201,6 +204,23 @@ class HostBackend(Backend):
         # Where the web UI may move its tensors (Forge off --always-cpu), the aliases are held only while in
         # use: kept, they would hold the old memory alive after a move.
         self._shared_model = model if self.host.keeps_weights_in_place(weights.owner) else None
+        return model
+
+    def _model_over_pipeline(self, pipeline: Any, path: Path):
+        """A TIModel over SD.Next's loaded pipeline modules, or None (said once per model) where they cannot be
+        used as they are."""
+        if pipeline is self._unshareable():
+            return None
+        reason = sdnext.unshareable_reason(pipeline)
+        if reason:
+            log.warning("training on a copy of %s: SD.Next's loaded model cannot be shared: %s", path, reason)
+            self._unshareable = weakref.ref(pipeline)
+            return None
+        model = sdnext.model_over_pipeline(pipeline, path)
+        self._owner_ref = weakref.ref(pipeline, self._forget_shared)
+        first = sdnext.first_parameter(pipeline)
+        self._owner_probe = first.data_ptr() if first is not None else None
+        self._shared_model = model
         return model
 
     def loaded_model(self):
@@ -269,11 +289,14 @@ class HostBackend(Backend):
             with host_job(self.host), Watcher(tick), self.host.model_for_training():
                 # Training on the web UI's own tensors leaves its model where it is; only a copy loaded
                 # from the file needs the room on the GPU that the web UI's model takes.
-                shared = self._shares_host_weights()
+                pipeline = self.host.loaded_model()
+                on_pipeline = sdnext.is_pipeline(pipeline) and sdnext.unshareable_reason(pipeline) is None
+                shared = on_pipeline or self._shares_host_weights()
                 unload = not shared and bool(settings.value(self.host, "ti_trainer_unload_model"))
                 keep = _shared if shared else _kept
+                lent = sdnext.borrowed(pipeline) if on_pipeline else contextlib.nullcontext()
                 try:
-                    with (host_model_freed if unload else keep)(self.host, self._release_model) as how:
+                    with (host_model_freed if unload else keep)(self.host, self._release_model) as how, lent:
                         log.info("training; the web UI's model: %s", how)
                         self._training = True
                         try:

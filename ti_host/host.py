@@ -302,6 +302,10 @@ class Host:
         """One tensor of the web UI's model, whose memory tells whether it moved or was replaced since."""
         if forge.is_forge_model(owner):
             return forge.first_weight(owner)
+        from . import sdnext  # imports torch: only once a model is at hand
+
+        if sdnext.is_pipeline(owner):
+            return sdnext.first_parameter(owner)
         parameters = getattr(owner, "parameters", None)
         return next(parameters(), None) if callable(parameters) else None
 

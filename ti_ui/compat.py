@@ -1,7 +1,7 @@
 """What differs between gradio 3.41, 3.43, 4.40 and the newest, and the component helpers built on it.
 
 Components are built from constructor arguments only (`_make` drops those a version lacks); the few
-version-specific keywords go through `_supported`, `_js` and `_poll`.
+version-specific keywords go through `_supported` and `_js`; `_poll` is the one periodic update, for all.
 """
 
 from __future__ import annotations
@@ -32,14 +32,28 @@ def _js(code: str) -> dict[str, str]:
     return {"_js": code} if GRADIO_MAJOR < 4 else {"js": code}
 
 
-def _poll(demo, fn: Callable, inputs: list, outputs: list, seconds: float) -> None:
-    """Call `fn` every `seconds` while the page is open: gr.Timer where it exists (4.40+), else a load
-    event with `every=` (gradio 3, which needs the queue; the hosts and `main` enable it)."""
-    if hasattr(gr, "Timer"):
-        timer = gr.Timer(seconds)
-        timer.tick(fn, inputs, outputs, show_progress="hidden")
-    else:
-        demo.load(fn, inputs, outputs, every=seconds, show_progress="hidden")
+POLL_DONE_EVENT = "ti-poll-done"
+# An invisible component that is still in the page (for a script to click): visible=False up to gradio 4
+# (rendered, hidden by a class); the newest leaves visible=False ones out of the page and has "hidden".
+_HIDDEN: bool | str = (
+    "hidden" if "hidden" in str(inspect.signature(gr.Button.__init__).parameters["visible"].annotation) else False
+)
+
+
+def _poll(fn: Callable, inputs: list, outputs: list, elem_id: str) -> None:
+    """Run `fn` whenever the hidden button `elem_id` is clicked: javascript/ti.js clicks it about once a
+    second while the button's tab is shown (or a run is going), one click at a time.
+
+    Each click is an ordinary event, sent outside the queue (`queue=False`: a plain request), so it works
+    the same under every gradio and every host's queue. gradio's own pollers do not: `every=` events are
+    dropped by SD.Next's patched queue ("Event ... is not in list") and need the queue at all, and
+    gr.Timer exists only from 4.40 on. Once the event is over, a client-side step tells ti.js (a DOM
+    event), so the next click waits for this one's answer and a slow server is never flooded.
+    """
+    button = _make(gr.Button, value="Update", visible=_HIDDEN, elem_id=elem_id, elem_classes=["ti-poll"])
+    event = button.click(fn, inputs, outputs, show_progress="hidden", queue=False)
+    done = f"() => {{ document.dispatchEvent(new CustomEvent({POLL_DONE_EVENT!r}, {{detail: {elem_id!r}}})); }}"
+    event.then(None, None, None, queue=False, **_js(done))
 
 
 def _refresh_button(elem_id: str):

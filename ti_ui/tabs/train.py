@@ -219,7 +219,8 @@ def _train_tab(demo, backend: Backend):
     resume.click(lambda *values: _start_from_values(backend, True, values), inputs, status)
     interrupt.click(interrupt_training, None, status)
     seen = gr.State({})
-    _poll(demo, poll_training, [seen], [progress, plot, previews, status, result, train, resume, interrupt, seen], 1.0)
+    outputs = [progress, plot, previews, status, result, train, resume, interrupt, seen]
+    _poll(poll_training, [seen], outputs, elem_id="ti_train_poll")
     return embedding
 
 
