@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from a1111_kit import ROOT, Server, _run, _tail, kit_hash
+from a1111_kit import ROOT, Server, _run, _tail, build_lock, kit_hash
 from a1111_kit import Kit as A1111Kit
 
 KIT_ENV, DEST_ENV, REQUIRE_ENV, PORT_ENV = "TI_SDNEXT_KIT", "TI_SDNEXT_DEST", "TI_REQUIRE_SDNEXT", "TI_SDNEXT_PORT"
@@ -53,11 +53,13 @@ class Kit(A1111Kit):
 
     def build(self, *, sdxl: bool = True) -> list[str]:
         """setup.sh (idempotent: a finished DEST takes seconds); with the tiny SDXL model by default."""
-        if (self.models / TINY_SD15).is_dir() and (not sdxl or (self.models / TINY_SDXL).is_dir()):
-            return []
         started = time.monotonic()
-        env = {**os.environ, "WITH_SDXL": "1" if sdxl else "0"}
-        result = _run(["bash", str(self.kit / "setup.sh"), str(self.dest)], timeout=3600, env=env)
+        with build_lock(self.dest):
+            waited = time.monotonic() - started
+            if (self.models / TINY_SD15).is_dir() and (not sdxl or (self.models / TINY_SDXL).is_dir()):
+                return [f"built beforehand, waited {waited:.0f} s for it"] if waited > 1 else []
+            env = {**os.environ, "WITH_SDXL": "1" if sdxl else "0"}
+            result = _run(["bash", str(self.kit / "setup.sh"), str(self.dest)], timeout=3600, env=env)
         if result.returncode != 0:
             raise RuntimeError(f"the kit's setup.sh failed:\n{_tail(result.stdout + result.stderr)}")
         return [f"setup.sh {time.monotonic() - started:.0f} s"]
