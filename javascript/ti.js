@@ -1,7 +1,8 @@
 // Textual Inversion tab: clicking an embedding card adds its token to the prompt the user works in, and a
 // second click removes it, as the web UIs' own extra-network cards do; when the tab has written an
 // embedding file, the web UI's own Textual Inversion card lists are refreshed, so the new one shows there;
-// the Train tab's progress is fetched about once a second by clicking its hidden update button; and where
+// the Train tab's progress is fetched about once a second by clicking its hidden update button; a typed
+// number of vectors out of range is refused in the CLI's words; and where
 // the web UI derives the tab's label from its id (SD.Next's Modern UI), the label is put right.
 //
 // The web UIs inject this file into every page, so it must never disturb them: one IIFE, no globals but a
@@ -277,6 +278,36 @@
         }
     }
 
+    // Vectors per token: a typed value out of range gets the one-line error the command line gives. The
+    // slider clamps it (gradio 6 on leaving the box, without a word) or the server never sees it, so it is
+    // said here, as it is typed, and stays until a value in range is typed.
+    var MAX_VECTORS = 75;
+
+    function onVectorsTyped(event) {
+        var input = event.target;
+        if (!input || input.type !== "number" || !input.closest || !input.closest("#ti_create_vectors")) {
+            return;
+        }
+        var slider = input.closest("#ti_create_vectors");
+        var message = document.getElementById("ti_create_vectors_error");
+        var raw = input.value.trim();
+        var count = Number(raw);
+        var bad = raw !== "" && !(Number.isInteger(count) && count >= 1 && count <= MAX_VECTORS);
+        if (!bad) {
+            if (message) {
+                message.remove();
+            }
+            return;
+        }
+        if (!message) {
+            message = document.createElement("div");
+            message.id = "ti_create_vectors_error";
+            message.className = "ti-status ti-status-error";
+            slider.insertAdjacentElement("afterend", message);
+        }
+        message.textContent = "vectors per token must be between 1 and " + MAX_VECTORS + ", not " + raw;
+    }
+
     function tick() {
         pollProgress();
         noteShownPrompt();
@@ -287,6 +318,7 @@
         document.addEventListener("focusin", onFocus, true);
         document.addEventListener("click", onClick, false);
         document.addEventListener("ti-poll-done", onPollDone);
+        document.addEventListener("input", onVectorsTyped, true);
         if (typeof onAfterUiUpdate === "function") {
             checkWritten();
             onAfterUiUpdate(checkWritten); // the web UI's hook: after its page changed (debounced)

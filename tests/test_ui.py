@@ -334,6 +334,18 @@ def _create(ui: UiPage, name: str, vectors: int) -> str:
 
 
 @pytest.mark.ui
+def test_typed_vectors_out_of_range_are_refused_in_the_page(ui, app):
+    """The slider clamps a typed 0 or 76 (gradio 6 without a word): the page says what the CLI says."""
+    ui.tab("Create")
+    vectors = ui.field("ti_create_vectors")
+    for typed in ("0", "76"):
+        vectors.fill(typed)
+        ui.wait_text("ti_create_vectors_error", rf"^vectors per token must be between 1 and 75, not {typed}$")
+    vectors.fill("16")
+    ui.page.wait_for_function("() => !document.getElementById('ti_create_vectors_error')")
+
+
+@pytest.mark.ui
 def test_create_shows_the_prompt_budget_and_writes_the_file(ui, app):
     assert "59 left" in _create(ui, "ui-made", 16)
     ui.wait_text("ti_create_init_info", r"Init text: 1 token, repeated to fill 16 vectors")
