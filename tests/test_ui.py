@@ -767,7 +767,8 @@ def test_without_the_host_kit_the_real_host_tests_skip_and_later_browser_tests_r
     probe = tmp_path / "test_browser_probe.py"
     probe.write_text(BROWSER_AFTER_THE_REAL_HOSTS.format(tests=str(TESTS)), encoding="utf-8")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("TI_", "PYTEST_"))}
-    env["TI_A1111_KIT"] = str(tmp_path / "no-kit")
+    for host in ("A1111", "FORGE", "SDNEXT"):  # none of the web UI kits beside this clone
+        env[f"TI_{host}_KIT"] = str(tmp_path / "no-kit")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(TESTS / "real_hosts"), str(probe)],
         cwd=TESTS.parent,
@@ -779,7 +780,8 @@ def test_without_the_host_kit_the_real_host_tests_skip_and_later_browser_tests_r
     summary = done.stdout.strip().splitlines()[-1]
     assert done.returncode == 0, done.stdout[-3000:]
     assert re.search(r"\b1 passed\b", summary) and "skipped" in summary and "error" not in summary, summary
-    assert f"the a1111 host kit is not at {tmp_path / 'no-kit'}" in done.stdout
+    for host in ("a1111", "forge", "sdnext"):
+        assert f"the {host} host kit is not at {tmp_path / 'no-kit'}" in done.stdout
 
 
 # ------------------------------------------------------------------------ the Train tab's loose ends, no browser
