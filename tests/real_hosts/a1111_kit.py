@@ -210,7 +210,9 @@ class Kit:
         env.update(
             CKPT=str(checkpoint or self.full_checkpoint),
             PORT=str(port),
-            EXTRA_ARGS=f"--embeddings-dir {embeddings_dir} --ckpt-dir {self.models}",
+            # --disable-nan-check: A1111 refuses a txt2img on the kit's random-weight tiny checkpoint with NaNs in its
+            # UNet (seen with the extension as it was before too); the checks read the infotext and compare bytes.
+            EXTRA_ARGS=f"--embeddings-dir {embeddings_dir} --ckpt-dir {self.models} --disable-nan-check",
         )
         result = _run([str(self.dest / "run_server.sh")], timeout=120, env=env)
         if result.returncode != 0:
