@@ -41,8 +41,9 @@ _HIDDEN: bool | str = (
 
 
 def _poll(fn: Callable, inputs: list, outputs: list, elem_id: str) -> None:
-    """Run `fn` whenever the hidden button `elem_id` is clicked: javascript/ti.js clicks it about once a
-    second while the button's tab is shown (or a run is going), one click at a time.
+    """Run `fn` about once a second while the page is open. On gradio 3 (A1111, reForge, SD.Next): whenever
+    the hidden button `elem_id` is clicked, which javascript/ti.js does while the button's tab is shown (or a
+    run is going), one click at a time; on gradio 4.40 and newer, gr.Timer.
 
     Each click is an ordinary event, sent outside the queue (`queue=False`: a plain request), so it works
     the same under every gradio and every host's queue. gradio's own pollers do not: `every=` events are
@@ -50,6 +51,11 @@ def _poll(fn: Callable, inputs: list, outputs: list, elem_id: str) -> None:
     gr.Timer exists only from 4.40 on. Once the event is over, a client-side step tells ti.js (a DOM
     event), so the next click waits for this one's answer and a slow server is never flooded.
     """
+    if hasattr(gr, "Timer"):
+        # gradio 4.40 and newer (Forge, the standalone app): its own per-page timer, which those queues keep.
+        timer = gr.Timer(1.0)
+        timer.tick(fn, inputs, outputs, show_progress="hidden")
+        return
     button = _make(gr.Button, value="Update", visible=_HIDDEN, elem_id=elem_id, elem_classes=["ti-poll"])
     event = button.click(fn, inputs, outputs, show_progress="hidden", queue=False)
     done = f"() => {{ document.dispatchEvent(new CustomEvent({POLL_DONE_EVENT!r}, {{detail: {elem_id!r}}})); }}"
