@@ -218,7 +218,7 @@ class HostBackend(Backend):
             return None
         model = sdnext.model_over_pipeline(pipeline, path)
         self._owner_ref = weakref.ref(pipeline, self._forget_shared)
-        first = sdnext.first_parameter(pipeline)
+        first = self.host.first_weight(pipeline)
         self._owner_probe = first.data_ptr() if first is not None else None
         self._shared_model = model
         return model
