@@ -210,11 +210,6 @@ def test_create_in_the_tab_is_listed_by_forges_api_and_cards_without_a_refresh(
 # ---- 3. Train in the tab; Forge's prompt uses the file ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    run=False,
-    reason="known failure: with this tree's Train tab, Forge's Train click starts no run (the check then waits "
-    "for one until its limit); the route checks below still train in Forge",
-)
 def test_train_in_the_tab_shows_live_progress_and_the_prompt_uses_the_file(forge_page, forge, forge_workspace, facts):
     page = forge_page
     path = _ensure_created(forge, forge_workspace, facts)
