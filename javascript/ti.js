@@ -309,6 +309,7 @@
     }
 
     function tick() {
+        checkWritten(); // on a timer too: a web UI's after-update hook is debounced, and a busy page can starve it
         pollProgress();
         noteShownPrompt();
         labelTabButton();
@@ -320,8 +321,7 @@
         document.addEventListener("ti-poll-done", onPollDone);
         document.addEventListener("input", onVectorsTyped, true);
         if (typeof onAfterUiUpdate === "function") {
-            checkWritten();
-            onAfterUiUpdate(checkWritten); // the web UI's hook: after its page changed (debounced)
+            onAfterUiUpdate(checkWritten); // the web UI's hook: soon after its page changed (debounced)
         }
         tick();
         setInterval(tick, 500);
