@@ -29,6 +29,8 @@ BROWSER_ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
 def ui_required() -> bool:
     """In CI's UI venvs TI_REQUIRE_UI=1: a missing gradio, playwright or browser is a failure, not a skip."""
     return os.environ.get("TI_REQUIRE_UI") == "1"
