@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ti_core
-from ti_core import formats, image_data
+from ti_core import atomic, image_data
 from ti_core.embedding import Embedding
 from ti_core.formats import (
     EmbeddingFileError,
@@ -508,7 +508,7 @@ def test_atomic_write_failure_in_replace_keeps_the_old_file(tmp_path, sd1, monke
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(formats.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         save_embedding(Embedding(sd1.name, {"clip_l": torch.zeros(3, 768)}), tmp_path, overwrite=True)
     assert _names(tmp_path) == ["cat toy.safetensors"]

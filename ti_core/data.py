@@ -417,7 +417,7 @@ def _save_cached(path: Path, tensors: dict[str, torch.Tensor], source: str) -> N
     """Write a cache file atomically, so a crash never leaves a half file."""
     from safetensors.torch import save_file
 
-    from .formats import atomic_write
+    from .atomic import atomic_write
 
     metadata = {"format": f"ti_core latent cache v{CACHE_VERSION}", "source": source}
     atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))

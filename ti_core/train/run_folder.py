@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_write
 from ..config import TrainConfig
 from ..embedding import Embedding
-
-from ..formats import atomic_write, load_embedding, save_embedding_to
+from ..formats import load_embedding, save_embedding_to
 from .lock import exclusive_lock
 
 CSV_COLUMNS = ("step", "epoch", "loss", "learning_rate", "seconds", "validation_loss")
