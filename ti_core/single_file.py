@@ -13,16 +13,10 @@
 
 from __future__ import annotations
 
-import builtins
-import collections
 import contextlib
-import importlib
-import inspect
 import json
-import pickle
 import re
 import threading
-import types
 import zipfile
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import cache
@@ -43,6 +37,7 @@ from .ldm_keys import (
     vae_key,
 )
 from .models import ModelLoadError
+from .safe_pickle import CHECKPOINTS, RefusedGlobal, load_pickle
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 # Diffusers-format config skeletons (configs only, no weights) of the reference models; see configs/SOURCES.md.
@@ -68,168 +63,34 @@ def skeleton_for(architecture: str, prediction_type: str | None = None) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Safe .ckpt unpickling
-
-
-class ForbiddenGlobal(pickle.UnpicklingError):
-    """A pickle refers to something that could run code when unpickled."""
-
-
-class _Inert:
-    """Stands in for a training-framework object in a .ckpt (callback state, hyper-parameters).
-
-    It accepts any construction and state and does nothing with them.
-    """
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):  # SETITEMS on a dict subclass
-        pass
-
-    def append(self, value):  # APPENDS on a list subclass
-        pass
-
-    def extend(self, values):
-        pass
-
-
-# Whole packages whose objects are replaced by inert placeholders: they only carry training state.
-_INERT_PACKAGES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf")
-_INERT_GLOBALS = {
-    ("argparse", "Namespace"),  # old Lightning hyper-parameters
-    ("typing", "Any"),  # OmegaConf metadata
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "Path"),
-}
-_TORCH_REBUILDERS = (
-    "_rebuild_tensor",
-    "_rebuild_tensor_v2",
-    "_rebuild_tensor_v3",
-    "_rebuild_parameter",
-    "_rebuild_parameter_with_state",
-    "_rebuild_device_tensor_from_numpy",
-    "_rebuild_meta_tensor_no_storage",
-    "_rebuild_wrapper_subclass",
-    "_rebuild_qtensor",
-    "_rebuild_sparse_tensor",
-    "_rebuild_nested_tensor",
-)
-
-
-def _codecs_encode(text, encoding="utf-8", errors="strict"):
-    import codecs
-
-    return codecs.encode(text, encoding, errors)
-
-
-@cache
-def _inert_class(module: str, name: str) -> type:
-    return type(name, (_Inert,), {"__module__": f"ti_core.inert.{module}"})
-
-
-def _allowed_global(module: str, name: str):
-    """The object a checkpoint pickle may refer to, or None."""
-    if module == "__builtin__":
-        module = "builtins"
-    if module == "collections" and name in ("OrderedDict", "defaultdict", "Counter"):
-        return getattr(collections, name)
-    if module == "builtins" and name in ("set", "frozenset", "bytearray", "complex", "slice"):
-        return getattr(builtins, name)
-    if module == "_codecs" and name == "encode":
-        return _codecs_encode
-    if module == "torch._utils" and name in _TORCH_REBUILDERS:
-        return getattr(torch._utils, name, None)
-    if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-        return getattr(torch._tensor, name, None)
-    if module == "torch.serialization" and name == "_get_layout":
-        return getattr(torch.serialization, name, None)
-    if module == "torch.nn.parameter" and name == "Parameter":
-        return torch.nn.Parameter
-    if module == "torch" and name in ("Size", "device", "Tensor"):
-        return getattr(torch, name)
-    if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-        return getattr(torch, name)
-    if module == "torch.torch_version" and name == "TorchVersion":
-        return str  # a str subclass
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
-        return _numpy_global("multiarray", name)
-    if module == "numpy" and name in ("dtype", "ndarray"):
-        return _numpy_global("", name)
-    if module.split(".")[0] in _INERT_PACKAGES or (module, name) in _INERT_GLOBALS:
-        return _inert_class(module, name)
-    return None
-
-
-def _numpy_global(submodule: str, name: str):
-    try:
-        import numpy
-    except ImportError:  # without numpy the value cannot matter to us
-        return _inert_class(f"numpy.{submodule}", name)
-    if not submodule:
-        return getattr(numpy, name)
-    # numpy 2 moved numpy.core to numpy._core; numpy 1.x (the web UIs' pin) may have a partial
-    # numpy._core stub, so try each real module rather than trusting the attribute.
-    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        with contextlib.suppress(ImportError, AttributeError):
-            return getattr(importlib.import_module(module_name), name)
-    return _inert_class(f"numpy.{submodule}", name)
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles tensors, containers and known-inert training objects; refuses every other global."""
-
-    def find_class(self, module, name):
-        found = _allowed_global(module, name)
-        if found is None:
-            raise ForbiddenGlobal(f"'{module}.{name}' is not allowed in a checkpoint (it could run code)")
-        return found
-
-
-def _restricted_load(file, **kwargs):
-    return RestrictedUnpickler(file, **kwargs).load()
-
-
-# torch.load(pickle_module=...) takes a module-like object with Unpickler and load.
-safe_pickle = types.ModuleType("ti_core_safe_pickle")
-safe_pickle.Unpickler = RestrictedUnpickler
-safe_pickle.load = _restricted_load
-safe_pickle.Pickler = pickle.Pickler
-safe_pickle.dump = pickle.dump
-safe_pickle.UnpicklingError = pickle.UnpicklingError
+# Safe .ckpt reading
 
 
 def safe_torch_load(path: Path) -> Any:
-    """torch.load of a .ckpt/.pt with the restricted unpickler (torch 2.1 ... 2.13)."""
+    """A .ckpt/.pt through the restricted unpickler's checkpoint allow-list; ModelLoadError (one line) if it
+    holds code or is no checkpoint."""
     path = Path(path)
-    kwargs: dict[str, Any] = {"map_location": "cpu", "pickle_module": safe_pickle}
-    parameters = inspect.signature(torch.load).parameters
-    if "weights_only" in parameters:
-        kwargs["weights_only"] = False  # our unpickler is the restriction; torch refuses both at once
+    mmap = False
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
         if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
             # torch.load hands TorchScript archives to torch.jit.load, which runs their code.
             raise ModelLoadError(f"{path} is a TorchScript archive, not a checkpoint")
-        if "mmap" in parameters:
-            kwargs["mmap"] = True
+        mmap = True
     try:
         try:
-            return torch.load(path, **kwargs)
-        except ForbiddenGlobal:
+            return load_pickle(path, CHECKPOINTS, mmap=mmap)
+        except RefusedGlobal:
             raise
         except Exception:
-            if not kwargs.pop("mmap", False):
+            if not mmap:
                 raise
-            return torch.load(path, **kwargs)  # some older zip checkpoints do not memory-map
-    except ForbiddenGlobal as error:
+            return load_pickle(path, CHECKPOINTS)  # some older zip checkpoints do not memory-map
+    except RefusedGlobal as error:
         raise ModelLoadError(
-            f"refusing to load {path}: {error}; convert it to .safetensors with a tool you trust"
+            f"refusing to load {path}: '{error.name}' is not allowed in a checkpoint (it could run code); "
+            "convert it to .safetensors with a tool you trust"
         ) from None
     except Exception as error:  # zip, pickle and storage errors of truncated or foreign files have many types
         raise ModelLoadError(

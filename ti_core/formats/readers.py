@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import image_data
 from ..embedding import Embedding
-from ..safe_pickle import RefusedGlobal, load_pickle
+from ..safe_pickle import EMBEDDING_FILES, RefusedGlobal, load_pickle
 from .common import (
     IMAGE_SUFFIXES,
     LOADABLE_SUFFIXES,
@@ -38,7 +38,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 def _read_pickle(path: Path) -> Any:
     try:
-        return load_pickle(path)
+        return load_pickle(path, EMBEDDING_FILES)
     except RefusedGlobal as error:
         raise file_error(
             path,
