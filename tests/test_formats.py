@@ -712,7 +712,7 @@ def test_diffusers_load_textual_inversion_reads_our_files(tmp_path):
     from diffusers.loaders import TextualInversionLoaderMixin
     from transformers import CLIPTextModel
 
-    from ti_core.testing import _text_config
+    from ti_core.testing import text_config
     from ti_core.vocab import clip_tokenizer
 
     class Host(TextualInversionLoaderMixin):
@@ -721,7 +721,7 @@ def test_diffusers_load_textual_inversion_reads_our_files(tmp_path):
 
         def __init__(self):
             self.tokenizer = clip_tokenizer()
-            self.text_encoder = CLIPTextModel(_text_config(32))
+            self.text_encoder = CLIPTextModel(text_config(32))
 
     host = Host()
     embedding = Embedding("tiny", {"clip_l": _vectors(2, 32, 16)})

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError, add_model_arguments, load_model_from_args
+from .command_line import UsageError, add_model_arguments, load_model_from_args, run_command, top_parser
 from .config import GRAD_CLIP, MIXED_PRECISION, TrainConfig
 from .data import BUILTIN_TEMPLATES, LATENT_SAMPLING, DataConfig
 
@@ -374,9 +374,13 @@ def _is_terminal(stream) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m ti_core.train_cli ARGS` = `python -m ti_core train ARGS` (what `accelerate launch -m` runs)."""
-    from .cli import main as cli_main
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    def build_parser() -> argparse.ArgumentParser:
+        parser, commands = top_parser()
+        add_train_parser(commands)
+        return parser
+
+    return run_command(build_parser, ["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

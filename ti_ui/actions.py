@@ -18,14 +18,14 @@ from .backend import Backend
 from .plot import loss_frame
 from .render import (
     PROMPT_TOKENS,
-    _error,
-    _status,
     card_info,
     cards_html,
     embedding_names,
+    error_html,
     init_text_info,
     inspect_html,
     progress_html,
+    status_html,
 )
 
 
@@ -38,14 +38,14 @@ def _tokenizer(backend: Backend):
     return clip_tokenizer()
 
 
-def _init_info(backend: Backend, text: str, vectors: float) -> str:
+def init_info_html(backend: Backend, text: str, vectors: float) -> str:
     try:
-        return _status(init_text_info(_tokenizer(backend), text or "", int(vectors)))
+        return status_html(init_text_info(_tokenizer(backend), text or "", int(vectors)))
     except (ValueError, OSError) as error:  # no CLIP vocabulary installed: say so instead of failing
-        return _error(error)
+        return error_html(error)
 
 
-def _dropdown_names(backend: Backend, selected: str | None = None):
+def dropdown_names(backend: Backend, selected: str | None = None):
     names = embedding_names(backend.embeddings_dir)
     value = selected if selected in names else default_embedding(backend, names)
     return gr.update(choices=names, value=value)
@@ -85,12 +85,12 @@ def create_action(backend: Backend, name: str, init_text: str, vectors: float, o
         embedding = create_embedding(backend.current_model(), name, init_text, vectors)
         path = save_embedding(embedding, backend.embeddings_dir, overwrite=overwrite)
     except (ValueError, OSError) as error:
-        return _error(error), gr.update()
+        return error_html(error), gr.update()
     backend.reload_embeddings()
     text = (
         f"Created {embedding.name} ({plural(vectors, 'vector')}, {PROMPT_TOKENS - vectors} prompt tokens left): {path}"
     )
-    return _status(text, "ok") + name_warning_action(name), _dropdown_names(backend, embedding.name)
+    return status_html(text, "ok") + name_warning_action(name), dropdown_names(backend, embedding.name)
 
 
 def _whole(value: Any) -> Any:
@@ -107,8 +107,8 @@ def name_warning_action(name: str) -> str:
         try:
             validate_name(name)
         except ValueError as error:
-            return _error(error)
-    return "".join(_status(f"warning: {warning}", "warning") for warning in name_warnings((name or "").strip()))
+            return error_html(error)
+    return "".join(status_html(f"warning: {warning}", "warning") for warning in name_warnings((name or "").strip()))
 
 
 def export_action(backend: Backend, name: str | None, to: str, folder: str, overwrite: bool) -> str:
@@ -118,7 +118,7 @@ def export_action(backend: Backend, name: str | None, to: str, folder: str, over
     from ti_core.formats import diffusers_loading_code, export_embedding
 
     if not name:
-        return _status("Pick an embedding to export (press Refresh if the list is empty).")
+        return status_html("Pick an embedding to export (press Refresh if the list is empty).")
     path = _embedding_file(backend, name)
     if path is None:
         return _missing(backend, name)
@@ -126,8 +126,8 @@ def export_action(backend: Backend, name: str | None, to: str, folder: str, over
     try:
         written = export_embedding(path, to, out_dir, overwrite=bool(overwrite))
     except (ValueError, OSError) as error:
-        return _error(error)
-    text = _status(f"Exported {name} as {to}: {', '.join(str(path) for path in written)}", "ok")
+        return error_html(error)
+    text = status_html(f"Exported {name} as {to}: {', '.join(str(path) for path in written)}", "ok")
     if to == "diffusers":
         code = diffusers_loading_code(written)
         text += f'<pre class="ti-export-code">{html.escape(code)}</pre>'
@@ -198,7 +198,7 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
     from ti_core.config import TrainConfig
 
     if not name:
-        return _status("Pick an embedding to train (create one in the Create tab first).", "error")
+        return status_html("Pick an embedding to train (create one in the Create tab first).", "error")
     try:
         trained_to = _trained_step(backend, name)
         if trained_to and not resume:
@@ -216,9 +216,9 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
         _check_images(config)  # before the model loads, and before anything is written
         TrainingJob.start(backend.current_model, config, _host_observer(backend), context=backend.training_context)
     except (ValueError, RuntimeError) as error:
-        return _error(error)
+        return error_html(error)
     verb = "Resuming" if resume else "Training"
-    return _status(f"{verb} {config.name} to step {config.steps}…")
+    return status_html(f"{verb} {config.name} to step {config.steps}…")
 
 
 def _check_images(config) -> None:
@@ -258,9 +258,9 @@ def _trained_step(backend: Backend, name: str) -> int:
 def interrupt_training() -> str:
     job = current_job()
     if job is None or not job.running:
-        return _status("No training run is in progress.")
+        return status_html("No training run is in progress.")
     job.cancel()
-    return _status("Interrupting: the run stops after this step and saves the embedding.")
+    return status_html("Interrupting: the run stops after this step and saves the embedding.")
 
 
 def poll_training(seen: dict | None):
@@ -311,7 +311,7 @@ def poll_training(seen: dict | None):
     if not running:
         stopped = snapshot.get("stopped")
         kind = {"done": "ok", "interrupted": "warning"}.get(stopped, "error" if snapshot.get("error") else "info")
-        status = _status(snapshot.get("message") or "", kind)
+        status = status_html(snapshot.get("message") or "", kind)
     if never_started and not running:
         progress = progress_html(None) if fresh_page else gr.update()
     else:
@@ -394,7 +394,7 @@ def scan_action(folder: str, recursive: bool, resolution: float, buckets: bool):
 
     hidden = gr.update(value=[], visible=False)
     if not (folder or "").strip():
-        return _status("Enter the folder of training images."), hidden
+        return status_html("Enter the folder of training images."), hidden
     try:
         result = scan_images(
             DataConfig(
@@ -405,7 +405,7 @@ def scan_action(folder: str, recursive: bool, resolution: float, buckets: bool):
             )
         )
     except (ValueError, OSError) as error:
-        return _error(error), hidden
+        return error_html(error), hidden
     thumbs = []
     for item in result.items[:32]:
         try:
@@ -425,7 +425,7 @@ def scan_action(folder: str, recursive: bool, resolution: float, buckets: bool):
         if len(result.skipped) > 10:
             lines[-1] += f"; and {len(result.skipped) - 10} more"
     kind = "warning" if result.skipped else "ok"
-    return "".join(_status(line, kind) for line in lines), gr.update(value=thumbs, visible=True)
+    return "".join(status_html(line, kind) for line in lines), gr.update(value=thumbs, visible=True)
 
 
 def library_action(backend: Backend):
@@ -442,7 +442,7 @@ def library_action(backend: Backend):
 def page_load_action(backend: Backend):
     """Every page load: the Train picker, then the Embeddings cards and inspect picker, as the folder is now.
     Without it a (re)loaded page shows what the folder held when the UI was built, until Refresh."""
-    return (_dropdown_names(backend), *library_action(backend))
+    return (dropdown_names(backend), *library_action(backend))
 
 
 def _embedding_file(backend: Backend, name: str) -> Path | None:
@@ -453,19 +453,19 @@ def _embedding_file(backend: Backend, name: str) -> Path | None:
 
 
 def _missing(backend: Backend, name: str) -> str:
-    return _status(f"No embedding named {name} in {backend.embeddings_dir}; press Refresh.", "error")
+    return status_html(f"No embedding named {name} in {backend.embeddings_dir}; press Refresh.", "error")
 
 
 def inspect_action(backend: Backend, name: str | None) -> str:
     if not name:
-        return _status("Pick an embedding to inspect.")
+        return status_html("Pick an embedding to inspect.")
     path = _embedding_file(backend, name)
     if path is None:
         return _missing(backend, name)
     try:
         return inspect_html(path, backend.loaded_model())
     except ValueError as error:
-        return _error(error)
+        return error_html(error)
 
 
 # ------------------------------------------------------------------------------------------------- try it
@@ -561,7 +561,7 @@ def try_action(
 ):
     job = current_job()
     if job is not None and job.running:
-        return None, _status("Training is running on this model; generate after it finishes.", "error")
+        return None, status_html("Training is running on this model; generate after it finishes.", "error")
     try:
         model = backend.current_model()
         embeddings = fitting_embeddings(backend.embeddings_dir, model)
@@ -577,7 +577,7 @@ def try_action(
             guidance=float(guidance),
         )
     except (ValueError, RuntimeError, OSError) as error:
-        return None, _error(error)
+        return None, error_html(error)
     used = [e.name for e in embeddings if re.search(rf"(?<![\w-]){re.escape(e.name)}(?![\w-])", prompt or "", re.I)]
     note = f" with {', '.join(used)}" if used else ""
-    return image, _status(f"{model.name}: seed {int(seed)}, {int(steps)} steps{note}", "ok")
+    return image, status_html(f"{model.name}: seed {int(seed)}, {int(steps)} steps{note}", "ok")

@@ -17,14 +17,14 @@ from pathlib import Path
 PROMPT_TOKENS = 75  # tokens in one prompt window; an embedding's vectors use that many of them
 
 
-def _status(text: str, kind: str = "info") -> str:
+def status_html(text: str, kind: str = "info") -> str:
     """One status line as HTML (plain text would turn underscores in paths into emphasis in Markdown)."""
     return f'<div class="ti-status ti-status-{kind}">{html.escape(text)}</div>' if text else ""
 
 
-def _error(error: BaseException) -> str:
+def error_html(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
-    return _status(lines[0] if lines else type(error).__name__, "error")
+    return status_html(lines[0] if lines else type(error).__name__, "error")
 
 
 def budget_text(vectors: int) -> str:

@@ -9,9 +9,9 @@ from typing import Any
 
 import gradio as gr
 
-from ..actions import _dropdown_names, interrupt_training, poll_training, scan_action, start_training
+from ..actions import dropdown_names, interrupt_training, poll_training, scan_action, start_training
 from ..backend import Backend
-from ..compat import _make, _poll, _refresh_button
+from ..compat import make_component, poll_every_second, refresh_button
 from ..plot import CURVES
 from ..render import embedding_names, progress_html
 
@@ -28,7 +28,7 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
 
     names = embedding_names(backend.embeddings_dir)
     with gr.Row():
-        embedding = _make(
+        embedding = make_component(
             gr.Dropdown,
             choices=names,
             value=names[0] if names else None,
@@ -36,20 +36,22 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
             elem_id="ti_train_embedding",
             scale=4,
         )
-        refresh = _refresh_button("ti_train_refresh")
-    refresh.click(lambda current: _dropdown_names(backend, current), embedding, embedding)
+        refresh = refresh_button("ti_train_refresh")
+    refresh.click(lambda current: dropdown_names(backend, current), embedding, embedding)
     with gr.Row():
-        images = _make(
+        images = make_component(
             gr.Textbox,
             label="Dataset folder",
             placeholder="folder of images (+ optional .txt captions)",
             elem_id="ti_train_dataset",
             scale=4,
         )
-        recursive = _make(gr.Checkbox, label="Subfolders", value=False, elem_id="ti_train_recursive", scale=1)
-        scan = _make(gr.Button, value="Preview", size="sm", elem_id="ti_train_dataset_scan", scale=0, min_width=90)
-    dataset_info = _make(gr.HTML, value="", elem_id="ti_train_dataset_info")
-    dataset_preview = _make(
+        recursive = make_component(gr.Checkbox, label="Subfolders", value=False, elem_id="ti_train_recursive", scale=1)
+        scan = make_component(
+            gr.Button, value="Preview", size="sm", elem_id="ti_train_dataset_scan", scale=0, min_width=90
+        )
+    dataset_info = make_component(gr.HTML, value="", elem_id="ti_train_dataset_info")
+    dataset_preview = make_component(
         gr.Gallery,
         label="Dataset",
         show_label=False,
@@ -64,7 +66,7 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
     if backend.templates_dir and Path(backend.templates_dir).is_dir():
         templates += [str(path) for path in sorted(Path(backend.templates_dir).glob("*.txt"))]
     with gr.Row():
-        template = _make(
+        template = make_component(
             gr.Dropdown,
             choices=templates,
             value="subject_filewords",
@@ -72,20 +74,22 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
             allow_custom_value=True,
             elem_id="ti_train_template",
         )
-        learning_rate = _make(
+        learning_rate = make_component(
             gr.Textbox,
             value="0.005",
             label="Learning rate (schedule: 0.005:100, 1e-3:1000, 1e-5)",
             elem_id="ti_train_learning_rate",
         )
     with gr.Row():
-        batch = _make(gr.Number, value=1, precision=0, label="Batch size", elem_id="ti_train_batch", minimum=1)
-        accumulation = _make(
+        batch = make_component(
+            gr.Number, value=1, precision=0, label="Batch size", elem_id="ti_train_batch", minimum=1
+        )
+        accumulation = make_component(
             gr.Number, value=1, precision=0, label="Gradient accumulation", elem_id="ti_train_accumulation", minimum=1
         )
-        steps = _make(gr.Number, value=2000, precision=0, label="Steps", elem_id="ti_train_steps", minimum=1)
+        steps = make_component(gr.Number, value=2000, precision=0, label="Steps", elem_id="ti_train_steps", minimum=1)
     with gr.Row():
-        resolution = _make(
+        resolution = make_component(
             gr.Slider,
             minimum=32,
             maximum=2048,
@@ -94,14 +98,14 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
             label="Resolution",
             elem_id="ti_train_resolution",
         )
-        buckets = _make(gr.Checkbox, label="Aspect-ratio buckets", value=False, elem_id="ti_train_buckets")
-        flip = _make(gr.Checkbox, label="Random horizontal flip", value=False, elem_id="ti_train_flip")
+        buckets = make_component(gr.Checkbox, label="Aspect-ratio buckets", value=False, elem_id="ti_train_buckets")
+        flip = make_component(gr.Checkbox, label="Random horizontal flip", value=False, elem_id="ti_train_flip")
     with gr.Row():
-        shuffle = _make(gr.Checkbox, label="Shuffle tags", value=False, elem_id="ti_train_shuffle_tags")
-        dropout = _make(
+        shuffle = make_component(gr.Checkbox, label="Shuffle tags", value=False, elem_id="ti_train_shuffle_tags")
+        dropout = make_component(
             gr.Slider, minimum=0, maximum=1, step=0.05, value=0, label="Tag dropout", elem_id="ti_train_tag_dropout"
         )
-        sampling = _make(
+        sampling = make_component(
             gr.Dropdown,
             choices=list(LATENT_SAMPLING),
             value="once",
@@ -109,21 +113,21 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
             elem_id="ti_train_latent_sampling",
         )
     with gr.Row():
-        precision = _make(
+        precision = make_component(
             gr.Dropdown,
             choices=["no", "fp16", "bf16"],
             value=_precision_default(backend),
             label="Mixed precision",
             elem_id="ti_train_precision",
         )
-        checkpointing = _make(
+        checkpointing = make_component(
             gr.Checkbox,
             label="Gradient checkpointing (less memory, slower)",
             value=False,
             elem_id="ti_train_gradient_checkpointing",
         )
     with gr.Row():
-        save_every = _make(
+        save_every = make_component(
             gr.Number,
             value=500,
             precision=0,
@@ -131,7 +135,7 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
             elem_id="ti_train_save_every",
             minimum=0,
         )
-        preview_every = _make(
+        preview_every = make_component(
             gr.Number,
             value=500,
             precision=0,
@@ -139,7 +143,7 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
             elem_id="ti_train_preview_every",
             minimum=0,
         )
-        preview_steps = _make(
+        preview_steps = make_component(
             gr.Number,
             value=20,
             precision=0,
@@ -148,24 +152,28 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
             minimum=1,
         )
     with gr.Row():
-        preview_prompt = _make(
+        preview_prompt = make_component(
             gr.Textbox,
             label="Preview prompt (empty: a template line with a caption)",
             elem_id="ti_train_preview_prompt",
             scale=3,
         )
-        preview_seed = _make(gr.Number, value=0, precision=0, label="Preview seed", elem_id="ti_train_preview_seed")
-    with _make(gr.Accordion, label="Advanced", open=False, elem_id="ti_train_advanced"), gr.Row():
-        warmup = _make(gr.Number, value=0, precision=0, label="Warm-up steps", elem_id="ti_train_warmup", minimum=0)
-        clip = _make(
+        preview_seed = make_component(
+            gr.Number, value=0, precision=0, label="Preview seed", elem_id="ti_train_preview_seed"
+        )
+    with make_component(gr.Accordion, label="Advanced", open=False, elem_id="ti_train_advanced"), gr.Row():
+        warmup = make_component(
+            gr.Number, value=0, precision=0, label="Warm-up steps", elem_id="ti_train_warmup", minimum=0
+        )
+        clip = make_component(
             gr.Radio,
             choices=["disabled", "value", "norm"],
             value="disabled",
             label="Gradient clipping",
             elem_id="ti_train_grad_clip",
         )
-        clip_value = _make(gr.Number, value=0.1, label="Clip at", elem_id="ti_train_grad_clip_value")
-        seed = _make(gr.Number, value=0, precision=0, label="Seed", elem_id="ti_train_seed")
+        clip_value = make_component(gr.Number, value=0.1, label="Clip at", elem_id="ti_train_grad_clip_value")
+        seed = make_component(gr.Number, value=0, precision=0, label="Seed", elem_id="ti_train_seed")
     fields = [
         images,
         recursive,
@@ -198,37 +206,39 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
     return embedding, fields, scan_inputs
 
 
-def _train_tab(demo, backend: Backend):
+def train_tab(demo, backend: Backend):
     with gr.Row():
-        with _make(gr.Column, scale=5, elem_id="ti_train_settings"):
+        with make_component(gr.Column, scale=5, elem_id="ti_train_settings"):
             embedding, fields, _ = _train_settings_column(backend)
-        with _make(gr.Column, scale=4, elem_id="ti_train_results"):
+        with make_component(gr.Column, scale=4, elem_id="ti_train_results"):
             with gr.Row():
-                train = _make(gr.Button, value="Train", variant="primary", elem_id="ti_train_button")
-                interrupt = _make(gr.Button, value="Interrupt", interactive=False, elem_id="ti_train_interrupt")
-                resume = _make(gr.Button, value="Resume", elem_id="ti_train_resume")
-            status = _make(gr.HTML, value="", elem_id="ti_train_status")
-            progress = _make(gr.HTML, value=progress_html(None), elem_id="ti_train_progress")
+                train = make_component(gr.Button, value="Train", variant="primary", elem_id="ti_train_button")
+                interrupt = make_component(
+                    gr.Button, value="Interrupt", interactive=False, elem_id="ti_train_interrupt"
+                )
+                resume = make_component(gr.Button, value="Resume", elem_id="ti_train_resume")
+            status = make_component(gr.HTML, value="", elem_id="ti_train_status")
+            progress = make_component(gr.HTML, value=progress_html(None), elem_id="ti_train_progress")
             plot = _loss_plot()
-            previews = _make(
+            previews = make_component(
                 gr.Gallery, label="Previews", columns=4, height=260, object_fit="contain", elem_id="ti_train_previews"
             )
-            result = _make(gr.Textbox, label="Embedding file", interactive=False, elem_id="ti_train_result")
+            result = make_component(gr.Textbox, label="Embedding file", interactive=False, elem_id="ti_train_result")
     inputs = [embedding, *fields]
     train.click(lambda *values: _start_from_values(backend, False, values), inputs, status)
     resume.click(lambda *values: _start_from_values(backend, True, values), inputs, status)
     interrupt.click(interrupt_training, None, status)
     seen = gr.State({})
     outputs = [progress, plot, previews, status, result, train, resume, interrupt, seen]
-    _poll(poll_training, [seen], outputs, elem_id="ti_train_poll")
+    poll_every_second(poll_training, [seen], outputs, elem_id="ti_train_poll")
     return embedding
 
 
 def _loss_plot():
-    """gradio's line plot of `loss_frame` rows. The keywords of every version are given and `_make` keeps
+    """gradio's line plot of `loss_frame` rows. The keywords of every version are given and `make_component` keeps
     those this one knows: gradio 3 draws at a fixed width (it cannot fill its column) with the legend
     below, the newest fills the column."""
-    return _make(
+    return make_component(
         gr.LinePlot,
         value=None,
         x="step",
