@@ -5,12 +5,13 @@ returns theirs (HTML from `render`, `gr.update(...)` for changes). Errors become
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 
+from ti_core.config import declared
 from ti_core.jobs import TrainingJob, current_job
 from ti_core.names import plural
 
@@ -142,38 +143,28 @@ def default_export_dir(backend: Backend, to: str | None = None) -> Path:
     return per_format(Path(backend.log_dir), to) if to else Path(backend.log_dir) / "exports"
 
 
-# Train tab field -> TrainConfig key ("data.x" for DataConfig). The handler receives the components' values
-# in this order, so adding a setting is one line here plus its component.
-TRAIN_FIELDS = (
-    "data.images",
-    "data.recursive",
-    "data.template",
-    "learning_rate",
-    "batch_size",
-    "gradient_accumulation",
-    "steps",
-    "data.resolution",
-    "data.buckets",
-    "data.flip",
-    "data.shuffle_tags",
-    "data.tag_dropout",
-    "data.latent_sampling",
-    "mixed_precision",
-    "gradient_checkpointing",
-    "save_every",
-    "preview_every",
-    "preview_prompt",
-    "preview_seed",
-    "preview_steps",
-    "warmup_steps",
-    "grad_clip",
-    "grad_clip_value",
-    "seed",
-)
+# The settings the Train tab shows, by TrainConfig key ("data.x" for DataConfig), in declaration order
+# (ti_core.settings): `train_settings` takes the tab's values by key, or in this order.
+TRAIN_FIELDS = tuple(item.key for item in declared() if item.elem_id)
+
+
+class PollUpdate(NamedTuple):
+    """What one tick of the progress poller updates, by name (the tab wires each to its component)."""
+
+    progress: Any
+    plot: Any
+    previews: Any
+    status: Any
+    result: Any
+    train: Any
+    resume: Any
+    interrupt: Any
+    seen: dict
 
 
 def train_settings(values: Sequence[Any], *, name: str, backend: Backend, resume: bool) -> dict[str, Any]:
-    """The TrainConfig dict for the Train tab's values (the same dict the CLI and settings.json use)."""
+    """The TrainConfig dict for the Train tab's values (the same dict the CLI and settings.json use): one
+    mapping of setting key to value, or the values in TRAIN_FIELDS order."""
     settings: dict[str, Any] = {
         "name": name or "",
         "embeddings_dir": str(backend.embeddings_dir),
@@ -181,7 +172,11 @@ def train_settings(values: Sequence[Any], *, name: str, backend: Backend, resume
         "resume": resume,
         "data": {},
     }
-    for key, value in zip(TRAIN_FIELDS, values, strict=True):
+    if len(values) == 1 and isinstance(values[0], Mapping):
+        pairs = list(values[0].items())
+    else:
+        pairs = list(zip(TRAIN_FIELDS, values, strict=True))
+    for key, value in pairs:
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # gradio 3 sliders and numbers give 8.0 for 8
         if isinstance(value, str) and key != "preview_prompt":
@@ -275,20 +270,20 @@ def poll_training(seen: dict | None):
     snapshot = job.snapshot() if job is not None else None
     version = snapshot["version"] if snapshot else 0
     if version == seen.get("version"):
-        return (gr.update(),) * 8 + (seen,)
+        return PollUpdate(*(gr.update(),) * 8, seen)
     fresh_page = "version" not in seen
     seen["version"] = version
     if snapshot is None:
-        return (
-            progress_html(None),
-            gr.update(),
-            gr.update(),
-            gr.update(),
-            gr.update(),
-            gr.update(interactive=True),
-            gr.update(interactive=True),
-            gr.update(interactive=False),
-            seen,
+        return PollUpdate(
+            progress=progress_html(None),
+            plot=gr.update(),
+            previews=gr.update(),
+            status=gr.update(),
+            result=gr.update(),
+            train=gr.update(interactive=True),
+            resume=gr.update(interactive=True),
+            interrupt=gr.update(interactive=False),
+            seen=seen,
         )
     running = snapshot["running"]
     never_started = snapshot.get("start_step") is None and not snapshot["losses"]
@@ -316,16 +311,16 @@ def poll_training(seen: dict | None):
         progress = progress_html(None) if fresh_page else gr.update()
     else:
         progress = progress_html(snapshot)
-    return (
-        progress,
-        plot,
-        gallery,
-        status,
-        gr.update() if keep_last_run else snapshot.get("final_path") or "",
-        gr.update(interactive=not running),
-        gr.update(interactive=not running),
-        gr.update(interactive=running),
-        seen,
+    return PollUpdate(
+        progress=progress,
+        plot=plot,
+        previews=gallery,
+        status=status,
+        result=gr.update() if keep_last_run else snapshot.get("final_path") or "",
+        train=gr.update(interactive=not running),
+        resume=gr.update(interactive=not running),
+        interrupt=gr.update(interactive=running),
+        seen=seen,
     )
 
 

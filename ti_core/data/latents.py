@@ -169,94 +169,115 @@ def encode_dataset(
         raise ValueError("no images to encode")
     if isinstance(vae_batch_size, bool) or not isinstance(vae_batch_size, int) or vae_batch_size < 1:
         raise ValueError(f"vae_batch_size must be a whole number of at least 1, not {vae_batch_size!r}")
-    vae = model.vae
-    factor = model.vae_scale_factor
-    compute_dtype = vae_compute_dtype(dtype)
-    vae_id = vae_identity(vae, compute_dtype)
-    cache = Path(cache_dir) if cache_dir is not None else None
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-    channels = vae.config.latent_channels
-    scaling = float(vae.config.scaling_factor)
-    shift = float(vae.config.get("shift_factor") or 0.0)
-    flips = (False, True) if config.flip else (False,)
-    total = len(items) * len(flips)
-    samples: dict[tuple[int, bool], Sample] = {}
-    pending: dict[Size, list[_Job]] = {}
-    counts = {"hits": 0, "misses": 0, "done": 0}
+    encoder = _Encoder(model, config, items, cache_dir, dtype, progress, vae_batch_size)
+    with contextlib.ExitStack() as stack:
+        for index, item in enumerate(items):
+            encoder.resolve(index, item, lambda: stack.enter_context(_vae_placed(model.vae, device, encoder.dtype)))
+        encoder.finish()
+    counts = encoder.counts
+    return LatentDataset(
+        config, list(items), encoder.samples, cache_hits=counts["hits"], cache_misses=counts["misses"]
+    )
 
-    def report() -> None:
-        if progress is not None:
-            progress(counts["done"], total)
 
-    def flush(jobs: list[_Job]) -> None:
+class _Encoder:
+    """The state of one `encode_dataset`: the samples resolved so far and the images waiting for the VAE,
+    batched by size."""
+
+    def __init__(self, model, config: DataConfig, items, cache_dir, dtype, progress, vae_batch_size: int) -> None:
+        vae = model.vae
+        self.vae, self.config, self.items, self.progress = vae, config, items, progress
+        self.factor = model.vae_scale_factor
+        self.dtype = vae_compute_dtype(dtype)
+        self.vae_id = vae_identity(vae, self.dtype)
+        self.cache = Path(cache_dir) if cache_dir is not None else None
+        if self.cache is not None:
+            self.cache.mkdir(parents=True, exist_ok=True)
+        self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(vae.config.get("shift_factor") or 0.0)
+        self.flips = (False, True) if config.flip else (False,)
+        self.total = len(items) * len(self.flips)
+        self.batch_size = vae_batch_size
+        self.samples: dict[tuple[int, bool], Sample] = {}
+        self.pending: dict[Size, list[_Job]] = {}
+        self.counts = {"hits": 0, "misses": 0, "done": 0}
+        self.vae_ready = False
+
+    def report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.counts["done"], self.total)
+
+    def resolve(self, index: int, item: ImageItem, place_vae: Callable[[], object]) -> None:
+        """The image's samples from the cache, or its pixels queued for the VAE (placed on first need)."""
+        config = self.config
+        try:
+            data = Path(item.path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"{item.path}: cannot read the image: {error.strerror or error}") from error
+        file_sha = hashlib.sha256(data).hexdigest()
+        target = target_size(item.size, config.resolution, config.buckets)
+        crop = crop_plan(item.size, target)
+        latent_size = (target[0] // self.factor, target[1] // self.factor)
+        shape = (self.vae.config.latent_channels, latent_size[1], latent_size[0])
+        missing = []
+        for flip in self.flips:
+            key = cache_key(file_sha, target, crop, flip, self.vae_id)
+            time_ids = _time_ids(item.size, crop, target, flip)
+            stored = _load_cached(self.cache / f"{key}.safetensors", shape) if self.cache is not None else None
+            if stored is None:
+                missing.append((flip, key, time_ids))
+                continue
+            self.samples[(index, flip)] = _make_sample(
+                stored["mean"], stored["std"], stored.get("alpha"), time_ids, config.latent_sampling, key
+            )
+            self.counts["hits"] += 1
+            self.counts["done"] += 1
+            self.report()
+        if not missing:
+            return
+        rgb, alpha = decode_image(data)
+        if rgb.size != tuple(item.size):
+            raise ValueError(f"{item.path}: the image changed since the folder was scanned; scan it again")
+        pixels = _pixels(fit_image(rgb, crop, target))
+        weight = _alpha_weight(fit_image(alpha, crop, target), latent_size) if alpha is not None else None
+        if not self.vae_ready:
+            place_vae()
+            self.vae_ready = True
+        for flip, key, time_ids in missing:
+            # Mirrored pixels are encoded, not a mirrored latent: the VAE is not flip-equivariant.
+            job_pixels = pixels.flip(-1) if flip else pixels
+            job_weight = weight.flip(-1) if flip and weight is not None else weight
+            queue = self.pending.setdefault(target, [])
+            queue.append(_Job(index, flip, key, job_pixels, job_weight, time_ids))
+            if len(queue) >= self.batch_size:
+                self.flush(queue)
+
+    def finish(self) -> None:
+        for queue in self.pending.values():
+            if queue:
+                self.flush(queue)
+
+    def flush(self, jobs: list[_Job]) -> None:
+        """Encode the queued images of one size in one VAE call; cache and keep their samples."""
+        vae = self.vae
         with torch.no_grad():
-            pixels = torch.stack([job.pixels for job in jobs]).to(device=vae.device, dtype=compute_dtype)
+            pixels = torch.stack([job.pixels for job in jobs]).to(device=vae.device, dtype=self.dtype)
             distribution = vae.encode(pixels).latent_dist
-            means = ((distribution.mean.float() - shift) * scaling).cpu()
-            stds = (distribution.std.float() * scaling).cpu()
+            means = ((distribution.mean.float() - self.shift) * self.scaling).cpu()
+            stds = (distribution.std.float() * self.scaling).cpu()
         for job, mean, std in zip(jobs, means, stds, strict=True):
             # Own, packed storage: not views of the whole batch (and safetensors saves only packed tensors).
             mean, std = (
                 mean.clone(memory_format=torch.contiguous_format),
                 std.clone(memory_format=torch.contiguous_format),
             )
-            if cache is not None:
+            if self.cache is not None:
                 tensors = {"mean": mean, "std": std} | ({"alpha": job.weight} if job.weight is not None else {})
-                _save_cached(cache / f"{job.key}.safetensors", tensors, items[job.index].path.name)
-            samples[(job.index, job.flip)] = _make_sample(
-                mean, std, job.weight, job.time_ids, config.latent_sampling, job.key
+                _save_cached(self.cache / f"{job.key}.safetensors", tensors, self.items[job.index].path.name)
+            self.samples[(job.index, job.flip)] = _make_sample(
+                mean, std, job.weight, job.time_ids, self.config.latent_sampling, job.key
             )
-        counts["misses"] += len(jobs)
-        counts["done"] += len(jobs)
+        self.counts["misses"] += len(jobs)
+        self.counts["done"] += len(jobs)
         jobs.clear()
-        report()
-
-    with contextlib.ExitStack() as stack:
-        vae_ready = False
-        for index, item in enumerate(items):
-            try:
-                data = Path(item.path).read_bytes()
-            except OSError as error:
-                raise ValueError(f"{item.path}: cannot read the image: {error.strerror or error}") from error
-            file_sha = hashlib.sha256(data).hexdigest()
-            target = target_size(item.size, config.resolution, config.buckets)
-            crop = crop_plan(item.size, target)
-            latent_size = (target[0] // factor, target[1] // factor)
-            shape = (channels, latent_size[1], latent_size[0])
-            missing = []
-            for flip in flips:
-                key = cache_key(file_sha, target, crop, flip, vae_id)
-                time_ids = _time_ids(item.size, crop, target, flip)
-                stored = _load_cached(cache / f"{key}.safetensors", shape) if cache is not None else None
-                if stored is None:
-                    missing.append((flip, key, time_ids))
-                    continue
-                samples[(index, flip)] = _make_sample(
-                    stored["mean"], stored["std"], stored.get("alpha"), time_ids, config.latent_sampling, key
-                )
-                counts["hits"] += 1
-                counts["done"] += 1
-                report()
-            if not missing:
-                continue
-            rgb, alpha = decode_image(data)
-            if rgb.size != tuple(item.size):
-                raise ValueError(f"{item.path}: the image changed since the folder was scanned; scan it again")
-            pixels = _pixels(fit_image(rgb, crop, target))
-            weight = _alpha_weight(fit_image(alpha, crop, target), latent_size) if alpha is not None else None
-            if not vae_ready:
-                stack.enter_context(_vae_placed(vae, device, compute_dtype))
-                vae_ready = True
-            for flip, key, time_ids in missing:
-                # Mirrored pixels are encoded, not a mirrored latent: the VAE is not flip-equivariant.
-                job_pixels = pixels.flip(-1) if flip else pixels
-                job_weight = weight.flip(-1) if flip and weight is not None else weight
-                queue = pending.setdefault(target, [])
-                queue.append(_Job(index, flip, key, job_pixels, job_weight, time_ids))
-                if len(queue) >= vae_batch_size:
-                    flush(queue)
-        for queue in pending.values():
-            if queue:
-                flush(queue)
-    return LatentDataset(config, list(items), samples, cache_hits=counts["hits"], cache_misses=counts["misses"])
+        self.report()

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..settings import setting
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LATENT_SAMPLING = ("once", "deterministic", "random")
 BUILTIN_TEMPLATES = ("subject", "subject_filewords", "style", "style_filewords", "none")
@@ -29,17 +31,38 @@ Size = tuple[int, int]  # (width, height) in pixels
 class DataConfig:
     """What to train on and how each image becomes a latent; validated on construction."""
 
-    images: Path
-    recursive: bool = False
-    resolution: int = 512
-    buckets: bool = False
-    flip: bool = False
-    template: str = "subject_filewords"
-    shuffle_tags: bool = False
-    tag_dropout: float = 0.0
-    repeats: int = 1
-    latent_sampling: str = "once"
-    alpha_weight: bool = False
+    images: Path = setting(
+        help="folder of training images (captions: .txt beside them, or the file name)", group="data",
+        label="Dataset folder", elem_id="ti_train_dataset",
+    )  # fmt: skip
+    recursive: bool = setting(
+        False, "also read images in subfolders", group="data", label="Subfolders", elem_id="ti_train_recursive"
+    )
+    resolution: int = setting(
+        512, "training size in pixels, a multiple of 8 (default: the model's own)", group="data",
+        minimum=MIN_RESOLUTION, maximum=MAX_RESOLUTION, step=8, label="Resolution", elem_id="ti_train_resolution",
+    )  # fmt: skip
+    buckets: bool = setting(
+        False, "aspect-ratio buckets instead of square crops", group="data",
+        label="Aspect-ratio buckets", elem_id="ti_train_buckets",
+    )  # fmt: skip
+    flip: bool = setting(
+        False, "mirror images at random", group="data", label="Random horizontal flip", elem_id="ti_train_flip"
+    )
+    template: str = setting(
+        "subject_filewords", f"prompt template: {', '.join(BUILTIN_TEMPLATES)} or a file", group="data",
+        label="Prompt template", elem_id="ti_train_template",
+    )  # fmt: skip
+    shuffle_tags: bool = setting(False, group="data", label="Shuffle tags", elem_id="ti_train_shuffle_tags")
+    tag_dropout: float = setting(
+        0.0, "probability of leaving out each caption tag", group="data", minimum=0, maximum=1, step=0.05,
+        label="Tag dropout", elem_id="ti_train_tag_dropout",
+    )  # fmt: skip
+    repeats: int = setting(1, "times each image appears per epoch", group="data", advanced=True, minimum=1)
+    latent_sampling: str = setting(
+        "once", group="data", choices=LATENT_SAMPLING, label="Latent sampling", elem_id="ti_train_latent_sampling"
+    )
+    alpha_weight: bool = setting(False, "weight the loss by the images' alpha channel", group="data", advanced=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, (str, os.PathLike)) or not str(self.images).strip():

@@ -17,6 +17,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,88 +63,131 @@ def train(
     emit = callback if callback and procs.is_main else lambda event: None
     run = RunFolder(config, write=procs.is_main)
     with run.locked(), training_mode(model, config) as (device, half):
-        # Load: the embedding (new, or resumed at its step) and the VAE latents of the images.
-        with procs.main_first():  # the main process converts a resumed .pt first; the others then read that
-            embedding, adopted = starting_embedding(model, config, run if procs.is_main else None)
-        start = embedding.step
-        with procs.main_first():  # the main process fills the latent cache; the others then read it
-            dataset = _encode_images(model, config, run, device)
-        template = load_template(config.data.template)
-
-        # Parameters: only the vectors, in float32 whatever the model's dtype.
-        vectors = {
-            key: torch.nn.Parameter(tensor.to(device, torch.float32)) for key, tensor in embedding.vectors.items()
-        }
-
-        # Optimizer, schedule and the fixed parts of the loss.
-        optimizer = _adamw(list(vectors.values()), device)
-        resume_note = run.load_optimizer_state(optimizer, embedding) if config.resume else ""
-        resume_note = "; ".join(note for note in (adopted, resume_note) if note)
-        scaler = _grad_scaler(device, enabled=half == torch.float16)
-        schedule = parse_schedule(config.learning_rate)
-        noise_scheduler = noise_scheduler_for(model, config)
-        norm_limits = vocabulary_norm_limits(model, config.norm_control)
-        tokenize = PromptTokenCache(model, {config.name: embedding.num_vectors})
-        outputs = Outputs(
-            model, config, run, procs, embedding, emit, noise_scheduler,
-            validation=validation_set(dataset, template, config, device) if config.validation_every else [],
-            preview_prompt=config.preview_prompt or default_preview_prompt(dataset, template, config),
-            half=half,
-        )  # fmt: skip
-        run.begin(start)
-        message = _start_message(config, len(dataset), procs.world, start, resume_note)
-        emit(TrainEvent("start", start, config.steps, message=message))
-        outputs.validate(vectors, start)  # the baseline that later values are compared with
-
-        # The loop: one optimizer step per iteration, over `gradient_accumulation` micro-batches.
-        stream = _micro_batches(dataset, config, procs, skip=start * config.gradient_accumulation)
-        good, good_step, step = detached(vectors), start, start  # the last finite vectors, saved on any stop
-        clock = Clock(start, config.steps)
-        stopped, message, error = "done", "", None
+        state = _prepare(model, config, run, procs, emit, device, half)
         try:
-            while step < config.steps:
-                if procs.any(cancel is not None and cancel.is_set()):
-                    stopped = "interrupted"
-                    break
-                lr = learning_rate_at(schedule, step, config.warmup_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = 0.0
-                for micro in range(config.gradient_accumulation):
-                    epoch, batch = next(stream)
-                    noise_rng, prompt_rng = step_generators(config.seed, step, micro, procs.rank, device)
-                    prompts = [_training_prompt(template, config, caption, prompt_rng) for caption in batch.captions]
-                    tokens = tokenize(prompts)
-                    with autocast(device, half):
-                        value = batch_loss(model, noise_scheduler, vectors, batch, tokens, noise_rng, config)
-                    scaler.scale(value / config.gradient_accumulation).backward()
-                    loss += value.item() / config.gradient_accumulation
-                loss = procs.mean(loss)
-                # Checked before the optimizer step, so a diverged step never reaches the vectors.
-                if not math.isfinite(loss):
-                    stopped, message = "nan", f"the loss became {loss} at step {step + 1}"
-                    break
-                _optimizer_step(optimizer, scaler, vectors, procs, config)
-                control_norms(vectors, norm_limits)
-                if not all(torch.isfinite(tensor).all() for tensor in vectors.values()):
-                    stopped, message = "nan", f"the vectors became infinite or NaN at step {step + 1}"
-                    break
-                step += 1
-                good, good_step = detached(vectors), step
-                clock.tick(step)
-                run.log_loss(step, epoch, loss, lr, clock.elapsed)
-                rate, eta, outputs_seconds = clock.rate, clock.eta, clock.outputs_seconds
-                emit(
-                    TrainEvent("step", step, config.steps, loss, lr, rate, eta, epoch, outputs_seconds=outputs_seconds)
-                )
-                with clock.outside_steps():
-                    outputs.periodic(vectors, step)
+            stopped, message, error = *_train_steps(state, cancel), None
         except Exception as exception:  # whatever it was, the last good vectors are saved and it is reported
             stopped, error = "error", exception
-            message = _error_message(exception, step + 1)
+            message = _error_message(exception, state.step + 1)
 
         # Save: the final embedding (and its optimizer state) in the embeddings folder.
-        return outputs.finish(good, good_step, optimizer, stopped, message, error)
+        return state.outputs.finish(state.good, state.good_step, state.optimizer, stopped, message, error)
+
+
+@dataclass
+class _RunState:
+    """What the steps of a run share: the fixed parts and the vectors, and how far it has got."""
+
+    model: Any
+    config: TrainConfig
+    run: RunFolder
+    procs: Processes
+    emit: Callable[[TrainEvent], None]
+    device: torch.device
+    half: torch.dtype | None
+    vectors: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    schedule: Any
+    noise_scheduler: Any
+    norm_limits: dict[str, float]
+    tokenize: PromptTokenCache
+    template: list[str]
+    outputs: Outputs
+    stream: Iterator[tuple[int, Any]]
+    clock: Clock
+    step: int
+    good: dict[str, torch.Tensor]  # the last finite vectors, saved on any stop
+    good_step: int
+
+
+def _prepare(model, config: TrainConfig, run: RunFolder, procs: Processes, emit, device, half) -> _RunState:
+    """Load the embedding and the images' latents, set up the optimizer and the loss, and report the start."""
+    # Load: the embedding (new, or resumed at its step) and the VAE latents of the images.
+    with procs.main_first():  # the main process converts a resumed .pt first; the others then read that
+        embedding, adopted = starting_embedding(model, config, run if procs.is_main else None)
+    start = embedding.step
+    with procs.main_first():  # the main process fills the latent cache; the others then read it
+        dataset = _encode_images(model, config, run, device)
+    template = load_template(config.data.template)
+
+    # Parameters: only the vectors, in float32 whatever the model's dtype.
+    vectors = {key: torch.nn.Parameter(tensor.to(device, torch.float32)) for key, tensor in embedding.vectors.items()}
+
+    # Optimizer, schedule and the fixed parts of the loss.
+    optimizer = _adamw(list(vectors.values()), device)
+    resume_note = run.load_optimizer_state(optimizer, embedding) if config.resume else ""
+    resume_note = "; ".join(note for note in (adopted, resume_note) if note)
+    scaler = _grad_scaler(device, enabled=half == torch.float16)
+    schedule = parse_schedule(config.learning_rate)
+    noise_scheduler = noise_scheduler_for(model, config)
+    norm_limits = vocabulary_norm_limits(model, config.norm_control)
+    tokenize = PromptTokenCache(model, {config.name: embedding.num_vectors})
+    outputs = Outputs(
+        model, config, run, procs, embedding, emit, noise_scheduler,
+        validation=validation_set(dataset, template, config, device) if config.validation_every else [],
+        preview_prompt=config.preview_prompt or default_preview_prompt(dataset, template, config),
+        half=half,
+    )  # fmt: skip
+    run.begin(start)
+    message = _start_message(config, len(dataset), procs.world, start, resume_note)
+    emit(TrainEvent("start", start, config.steps, message=message))
+    outputs.validate(vectors, start)  # the baseline that later values are compared with
+    stream = _micro_batches(dataset, config, procs, skip=start * config.gradient_accumulation)
+    return _RunState(
+        model, config, run, procs, emit, device, half, vectors, optimizer, scaler, schedule, noise_scheduler,
+        norm_limits, tokenize, template, outputs, stream, Clock(start, config.steps),
+        step=start, good=detached(vectors), good_step=start,
+    )  # fmt: skip
+
+
+def _train_steps(state: _RunState, cancel) -> tuple[str, str]:
+    """The loop: one optimizer step per iteration, over `gradient_accumulation` micro-batches, until the last
+    step, a cancel or a non-finite loss; returns how it stopped and why."""
+    config, procs, vectors = state.config, state.procs, state.vectors
+    while state.step < config.steps:
+        if procs.any(cancel is not None and cancel.is_set()):
+            return "interrupted", ""
+        lr = learning_rate_at(state.schedule, state.step, config.warmup_steps)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        epoch, loss = _accumulated_loss(state)
+        # Checked before the optimizer step, so a diverged step never reaches the vectors.
+        if not math.isfinite(loss):
+            return "nan", f"the loss became {loss} at step {state.step + 1}"
+        _optimizer_step(state.optimizer, state.scaler, vectors, procs, config)
+        control_norms(vectors, state.norm_limits)
+        if not all(torch.isfinite(tensor).all() for tensor in vectors.values()):
+            return "nan", f"the vectors became infinite or NaN at step {state.step + 1}"
+        state.step += 1
+        state.good, state.good_step = detached(vectors), state.step
+        clock = state.clock
+        clock.tick(state.step)
+        state.run.log_loss(state.step, epoch, loss, lr, clock.elapsed)
+        state.emit(
+            TrainEvent(
+                "step", state.step, config.steps, loss, lr, clock.rate, clock.eta, epoch,
+                outputs_seconds=clock.outputs_seconds,
+            )
+        )  # fmt: skip
+        with clock.outside_steps():
+            state.outputs.periodic(vectors, state.step)
+    return "done", ""
+
+
+def _accumulated_loss(state: _RunState) -> tuple[int, float]:
+    """Forward and backward over this step's micro-batches; the epoch and the loss, averaged over processes."""
+    config, loss, epoch = state.config, 0.0, 0
+    for micro in range(config.gradient_accumulation):
+        epoch, batch = next(state.stream)
+        noise_rng, prompt_rng = step_generators(config.seed, state.step, micro, state.procs.rank, state.device)
+        prompts = [_training_prompt(state.template, config, caption, prompt_rng) for caption in batch.captions]
+        tokens = state.tokenize(prompts)
+        with autocast(state.device, state.half):
+            value = batch_loss(state.model, state.noise_scheduler, state.vectors, batch, tokens, noise_rng, config)
+        state.scaler.scale(value / config.gradient_accumulation).backward()
+        loss += value.item() / config.gradient_accumulation
+    return epoch, state.procs.mean(loss)
 
 
 def _encode_images(model, config: TrainConfig, run: RunFolder, device: torch.device):
