@@ -52,22 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_create(args) -> int:
-    from .create import create_embedding
-    from .embedding import check_vector_count
-    from .formats import refuse_name_clash, save_embedding
-    from .names import embedding_path
+    from .create import create_embedding_file
 
     # Everything that can be checked without the model is checked before its slow load.
-    target = embedding_path(args.embeddings_dir, args.name)
-    check_vector_count(args.vectors)
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} already exists; add --overwrite to replace it")
-    refuse_name_clash(args.embeddings_dir, args.name, target)
-    model = load_model_from_args(args)
-    embedding = create_embedding(model, args.name, args.init_text, args.vectors)
-    model_hash = model.shorthash()
-    metadata = {"base_model_hash": model_hash} if model_hash else None  # the demo model has no file to hash
-    print(save_embedding(embedding, args.embeddings_dir, overwrite=args.overwrite, metadata=metadata))
+    embedding, path = create_embedding_file(
+        lambda: load_model_from_args(args), args.embeddings_dir, args.name, args.init_text, args.vectors,
+        overwrite=args.overwrite, overwrite_hint="add --overwrite to replace it",
+    )  # fmt: skip
+    print(path)
     print_name_warnings(embedding.name)
     return 0
 

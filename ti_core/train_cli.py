@@ -30,6 +30,7 @@ from . import config as config_module
 from .command_line import UsageError, add_model_arguments, load_model_from_args, run_command, top_parser
 from .config import TrainConfig, declared
 from .settings import Setting
+from .timodel import TIModel
 
 # MKL sums in an order that depends on memory alignment unless told otherwise, and Adam amplifies the
 # last-bit differences, so the same seed would not give the same embedding twice on the CPU. It must be
@@ -145,22 +146,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 def check_before_loading(config: TrainConfig) -> None:
     """The images folder and the embedding's state: ValueError/FileExistsError (one line, naming the flags)."""
-    from .formats import load_embedding
-    from .names import embedding_path
-    from .train import AlreadyTrained, resume_source
+    from .train import AlreadyTrained, StepsReached, check_trainable
 
     if not config.data.images.is_dir():
         raise ValueError(f"--images {config.data.images} is not a folder")
-    path = embedding_path(config.embeddings_dir, config.name)
-    if config.resume:
-        source = resume_source(config)
-        step = load_embedding(source).step
-        if step >= config.steps:
-            raise ValueError(f"{source} is already trained to step {step}; give --steps above {step} to resume it")
-    elif not config.overwrite and path.is_file():
-        step = load_embedding(path).step
-        if step > 0:
-            raise AlreadyTrained(path, step, "add --resume", "--overwrite")
+    try:
+        check_trainable(config)
+    except AlreadyTrained as error:
+        raise AlreadyTrained(error.path, error.step, "add --resume", "--overwrite") from None
+    except StepsReached as error:
+        raise StepsReached(error.path, error.step, "give --steps above {step} to resume it") from None
 
 
 def _accelerator():
@@ -186,7 +181,7 @@ def _device(args: argparse.Namespace, accelerator):
     return torch.device("cpu")
 
 
-def _place(model, device, mixed_precision: str) -> None:
+def _place(model: TIModel, device, mixed_precision: str) -> None:
     """Move the model to the device; on a GPU with mixed precision, cast the frozen UNet and text encoders
     first, so the full-precision weights never have to fit in GPU memory. The VAE stays float32 (SDXL's
     overflows in fp16)."""

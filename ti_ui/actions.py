@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gradio as gr
 
@@ -28,6 +28,10 @@ from .render import (
     progress_html,
     status_html,
 )
+
+if TYPE_CHECKING:
+    from ti_core.timodel import TIModel
+    from ti_core.train.events import TrainEvent
 
 
 def _tokenizer(backend: Backend):
@@ -72,19 +76,14 @@ def default_embedding(backend: Backend, names: Sequence[str]) -> str | None:
 
 def create_action(backend: Backend, name: str, init_text: str, vectors: float, overwrite: bool):
     """Create button: write the embedding file, tell the host, select it in the Train tab."""
-    from ti_core.create import create_embedding
-    from ti_core.embedding import check_vector_count
-    from ti_core.formats import refuse_name_clash, save_embedding
-    from ti_core.names import embedding_path
+    from ti_core.create import create_embedding_file
 
     try:
-        vectors = check_vector_count(_whole(vectors))  # a typed 0 or 76 is refused, not clamped
-        target = embedding_path(backend.embeddings_dir, name)
-        if target.exists() and not overwrite:
-            raise ValueError(f"{target.name} already exists in {target.parent}; tick Overwrite to replace it")
-        refuse_name_clash(Path(backend.embeddings_dir), name, target)
-        embedding = create_embedding(backend.current_model(), name, init_text, vectors)
-        path = save_embedding(embedding, backend.embeddings_dir, overwrite=overwrite)
+        vectors = _whole(vectors)  # a typed 0 or 76 is refused, not clamped
+        embedding, path = create_embedding_file(
+            backend.current_model, backend.embeddings_dir, name, init_text, vectors,
+            overwrite=overwrite, overwrite_hint="tick Overwrite to replace it",
+        )  # fmt: skip
     except (ValueError, OSError) as error:
         return error_html(error), gr.update()
     backend.reload_embeddings()
@@ -195,22 +194,15 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
     if not name:
         return status_html("Pick an embedding to train (create one in the Create tab first).", "error")
     try:
-        trained_to = _trained_step(backend, name)
-        if trained_to and not resume:
-            raise ValueError(
-                f"{name} is already trained to step {trained_to}: press Resume to continue it (with more steps), "
-                "or create a new embedding to start again"
-            )
+        _require_file(backend, name)
+        settings = train_settings(values, name=name, backend=backend, resume=resume)
+        _check_trainable(TrainConfig.from_dict(settings), name)
         # An untrained embedding (step 0, as Create wrote it) is "resumed" from its initial vectors: train()
         # only re-creates an embedding from the init text when told to overwrite it.
-        config = TrainConfig.from_dict(train_settings(values, name=name, backend=backend, resume=True))
-        if trained_to >= config.steps:
-            raise ValueError(
-                f"{name} is already trained to step {trained_to}: set Steps above {trained_to} to continue it"
-            )
+        config = TrainConfig.from_dict({**settings, "resume": True})
         _check_images(config)  # before the model loads, and before anything is written
         TrainingJob.start(backend.current_model, config, _host_observer(backend), context=backend.training_context)
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         return error_html(error)
     verb = "Resuming" if resume else "Training"
     return status_html(f"{verb} {config.name} to step {config.steps}…")
@@ -225,10 +217,10 @@ def _check_images(config) -> None:
         raise ValueError(f"no training images in {config.data.images}")
 
 
-def _host_observer(backend: Backend) -> Callable[[Any], None]:
+def _host_observer(backend: Backend) -> Callable[[TrainEvent], None]:
     """On every training event: mirror the progress into the host, and honour the host's Interrupt button."""
 
-    def on_event(_event) -> None:
+    def on_event(_event: TrainEvent) -> None:
         job = current_job()  # the job this event belongs to: one runs at a time
         if job is None:
             return
@@ -239,15 +231,30 @@ def _host_observer(backend: Backend) -> Callable[[Any], None]:
     return on_event
 
 
-def _trained_step(backend: Backend, name: str) -> int:
-    """The step an existing embedding file was trained to (0 for a new one); ValueError if it is missing."""
-    from ti_core.formats import load_embedding
+def _require_file(backend: Backend, name: str) -> None:
+    """The Train tab trains embeddings that exist (made in the Create tab): ValueError if it is missing."""
     from ti_core.names import embedding_path
 
     path = embedding_path(backend.embeddings_dir, name)
     if not path.is_file():
         raise ValueError(f"{path} does not exist: create the embedding in the Create tab first (or press Refresh)")
-    return load_embedding(path).step
+
+
+def _check_trainable(config, name: str) -> None:
+    """ti_core's check whether the run can start, its advice in the Train tab's words."""
+    from ti_core.train import AlreadyTrained, StepsReached, check_trainable
+
+    try:
+        check_trainable(config)
+    except AlreadyTrained as error:
+        raise ValueError(
+            f"{name} is already trained to step {error.step}: press Resume to continue it (with more steps), "
+            "or create a new embedding to start again"
+        ) from None
+    except StepsReached as error:
+        raise ValueError(
+            f"{name} is already trained to step {error.step}: set Steps above {error.step} to continue it"
+        ) from None
 
 
 def interrupt_training() -> str:
@@ -468,7 +475,7 @@ def inspect_action(backend: Backend, name: str | None) -> str:
 _fitting_cache: dict[str, tuple[tuple, Any]] = {}
 
 
-def fitting_embeddings(embeddings_dir: Path, model) -> list:
+def fitting_embeddings(embeddings_dir: Path, model: TIModel) -> list:
     """Every embedding in the folder that fits the model (others are skipped, as the web UIs skip them).
     Files are read again only when they change."""
     from ti_core.formats import list_embeddings
@@ -501,7 +508,7 @@ def _fitting(path: Path, widths: dict[str, int]):
 
 
 def render_image(
-    model,
+    model: TIModel,
     prompt: str,
     negative: str,
     embeddings: Sequence,
@@ -516,32 +523,17 @@ def render_image(
     the tokenizer, so the files on disk stay the only source of embeddings)."""
     import torch
 
-    from ti_core.prompt import encode_prompts
+    from ti_core.preview import render_image as render
 
-    pipeline = model.pipeline()
     if torch.cuda.is_available():
-        pipeline.to("cuda")
-    pipeline.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        condition = encode_prompts(model, [prompt, negative], embeddings)  # one batch: same window count
-        extra = {}
-        if condition.pooled is not None:
-            extra = {
-                "pooled_prompt_embeds": condition.pooled[:1],
-                "negative_pooled_prompt_embeds": condition.pooled[1:],
-            }
-        result = pipeline(
-            prompt_embeds=condition.hidden_states[:1],
-            negative_prompt_embeds=condition.hidden_states[1:],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            width=width,
-            height=height,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="pil",
-            **extra,
-        )
-    return result.images[0]
+        model.unet.to("cuda")  # as the pipeline's .to("cuda") did: the model stays there for the next image
+        model.vae.to("cuda")
+        for encoder in model.encoders:
+            encoder.model.to("cuda")
+    return render(
+        model, prompt, negative, embeddings, seed=seed, steps=steps, width=width, height=height,
+        guidance=guidance, generator_device="cpu",
+    )  # fmt: skip
 
 
 def try_action(

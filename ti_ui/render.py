@@ -13,6 +13,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ti_core.timodel import TIModel
 
 PROMPT_TOKENS = 75  # tokens in one prompt window; an embedding's vectors use that many of them
 
@@ -249,7 +253,7 @@ def embedding_names(embeddings_dir: Path) -> list[str]:
     return sorted({path.stem for path in list_embeddings(embeddings_dir)}, key=str.lower)
 
 
-def inspect_html(path: Path, model) -> str:
+def inspect_html(path: Path, model: TIModel) -> str:
     """Norms per vector and, with a model, the nearest vocabulary tokens, as an HTML table."""
     from ti_core.formats import load_embedding
     from ti_core.inspect import nearest_tokens

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..timodel import TIModel
 from .dataset import LatentDataset, Sample
 from .images import Crop, crop_plan, decode_image, fit_image, target_size
 from .scan import ImageItem
@@ -147,7 +148,7 @@ def _make_sample(mean, std, weight, time_ids, method: str, key: str) -> Sample:
 
 
 def encode_dataset(
-    model,
+    model: TIModel,
     config: DataConfig,
     items: Sequence[ImageItem],
     *,
@@ -184,7 +185,9 @@ class _Encoder:
     """The state of one `encode_dataset`: the samples resolved so far and the images waiting for the VAE,
     batched by size."""
 
-    def __init__(self, model, config: DataConfig, items, cache_dir, dtype, progress, vae_batch_size: int) -> None:
+    def __init__(
+        self, model: TIModel, config: DataConfig, items, cache_dir, dtype, progress, vae_batch_size: int
+    ) -> None:
         vae = model.vae
         self.vae, self.config, self.items, self.progress = vae, config, items, progress
         self.factor = model.vae_scale_factor

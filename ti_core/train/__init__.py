@@ -6,7 +6,7 @@ One concept a module: `loop` (the run), `loss` (the maths), `patching` (the mode
 """
 
 from .clock import Clock
-from .events import AlreadyTrained, TrainEvent, TrainingLocked, TrainResult
+from .events import AlreadyTrained, StepsReached, TrainEvent, TrainingLocked, TrainResult
 from .lock import exclusive_lock
 from .loop import OutOfMemoryError, train
 from .loss import (
@@ -22,7 +22,7 @@ from .outputs import Outputs, ValidationSample, render_preview, validation_loss,
 from .patching import autocast, casts_frozen_weights, training_mode
 from .processes import Processes
 from .run_folder import RunFolder, vectors_hash
-from .start import adopt_resumed_file, resume_source, starting_embedding
+from .start import adopt_resumed_file, check_trainable, resume_source, starting_embedding
 
 __all__ = [
     "AlreadyTrained",
@@ -31,6 +31,7 @@ __all__ = [
     "Outputs",
     "Processes",
     "RunFolder",
+    "StepsReached",
     "TrainEvent",
     "TrainResult",
     "TrainingLocked",
@@ -38,6 +39,7 @@ __all__ = [
     "adopt_resumed_file",
     "autocast",
     "batch_loss",
+    "check_trainable",
     "casts_frozen_weights",
     "control_norms",
     "diffusion_loss",

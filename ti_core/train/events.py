@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+EventKind = Literal["start", "step", "preview", "snapshot", "validation", "done", "interrupted", "error"]
+Stopped = Literal["done", "interrupted", "nan", "error"]
 
 
 @dataclass
@@ -13,7 +16,7 @@ class TrainEvent:
     """A progress report for the callback. kind: start, step, preview, snapshot, validation, done,
     interrupted or error; fields that do not apply to a kind are None."""
 
-    kind: str
+    kind: EventKind
     step: int
     total: int
     loss: float | None = None
@@ -33,7 +36,7 @@ class TrainResult:
 
     embedding_path: Path | None
     step: int
-    stopped: str
+    stopped: Stopped
     message: str
     log_dir: Path
     error: BaseException | None = field(default=None, repr=False)
@@ -52,3 +55,11 @@ class AlreadyTrained(FileExistsError):
 
 class TrainingLocked(RuntimeError):
     """Another run is training the same embedding."""
+
+
+class StepsReached(ValueError):
+    """Resuming an embedding already trained to the run's last step or beyond."""
+
+    def __init__(self, path: Path, step: int, advice: str = "set more than {step} steps") -> None:
+        self.path, self.step = path, step
+        super().__init__(f"{path} is already trained to step {step}; {advice.format(step=step)}")

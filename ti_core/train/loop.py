@@ -26,6 +26,7 @@ from ..config import TrainConfig
 from ..data import encode_dataset, load_template, render_prompt, scan_images
 from ..prompt import PromptTokenCache
 from ..schedule import learning_rate_at, parse_schedule
+from ..timodel import TIModel
 from .clock import Clock
 from .events import TrainEvent, TrainResult
 from .loss import batch_loss, control_norms, noise_scheduler_for, step_generators, vocabulary_norm_limits
@@ -39,7 +40,7 @@ OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErro
 
 
 def train(
-    model,
+    model: TIModel,
     config: TrainConfig,
     callback: Callable[[TrainEvent], None] | None = None,
     *,
@@ -78,7 +79,7 @@ def train(
 class _RunState:
     """What the steps of a run share: the fixed parts and the vectors, and how far it has got."""
 
-    model: Any
+    model: TIModel
     config: TrainConfig
     run: RunFolder
     procs: Processes
@@ -101,7 +102,7 @@ class _RunState:
     good_step: int
 
 
-def _prepare(model, config: TrainConfig, run: RunFolder, procs: Processes, emit, device, half) -> _RunState:
+def _prepare(model: TIModel, config: TrainConfig, run: RunFolder, procs: Processes, emit, device, half) -> _RunState:
     """Load the embedding and the images' latents, set up the optimizer and the loss, and report the start."""
     # Load: the embedding (new, or resumed at its step) and the VAE latents of the images.
     with procs.main_first():  # the main process converts a resumed .pt first; the others then read that
@@ -190,7 +191,7 @@ def _accumulated_loss(state: _RunState) -> tuple[int, float]:
     return epoch, state.procs.mean(loss)
 
 
-def _encode_images(model, config: TrainConfig, run: RunFolder, device: torch.device):
+def _encode_images(model: TIModel, config: TrainConfig, run: RunFolder, device: torch.device):
     scan = scan_images(config.data)
     if not scan.items:
         skipped = (

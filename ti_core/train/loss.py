@@ -11,9 +11,10 @@ import torch
 
 from ..config import TrainConfig
 from ..prompt import Conditioning, TokenizedPrompt, encode_tokenized
+from ..timodel import TIModel
 
 
-def noise_scheduler_for(model, config: TrainConfig):
+def noise_scheduler_for(model: TIModel, config: TrainConfig):
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(model.scheduler.config)
@@ -26,7 +27,7 @@ def noise_scheduler_for(model, config: TrainConfig):
     return scheduler
 
 
-def vocabulary_norm_limits(model, norm_control: float) -> dict[str, float]:
+def vocabulary_norm_limits(model: TIModel, norm_control: float) -> dict[str, float]:
     """Per encoder, the largest norm a vector may reach: `norm_control` × the median token-row norm.
 
     Unconstrained TI vectors grow to many times the norm of any real token; the text encoder then lets
@@ -54,7 +55,7 @@ def step_generators(
 
 
 def batch_loss(
-    model,
+    model: TIModel,
     noise_scheduler,
     vectors: Mapping[str, torch.Tensor],
     batch,
@@ -81,7 +82,7 @@ def batch_loss(
 
 
 def diffusion_loss(
-    model,
+    model: TIModel,
     noise_scheduler,
     conditioning: Conditioning,
     latents: torch.Tensor,

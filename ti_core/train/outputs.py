@@ -17,10 +17,12 @@ from ..data import render_prompt
 from ..embedding import Embedding
 from ..formats import save_embedding
 from ..names import embedding_path
+from ..preview import render_image, uncompiled
 from ..prompt import encode_prompts
+from ..timodel import TIModel
 from .events import TrainEvent, TrainResult
 from .loss import diffusion_loss, mixed_seed
-from .patching import autocast, uncompiled
+from .patching import autocast
 from .processes import Processes
 from .run_folder import RunFolder
 
@@ -65,7 +67,9 @@ def validation_set(dataset, template: list[str], config: TrainConfig, device: to
     return samples
 
 
-def validation_loss(model, noise_scheduler, name: str, vectors, samples: list[ValidationSample], half=None) -> float:
+def validation_loss(
+    model: TIModel, noise_scheduler, name: str, vectors, samples: list[ValidationSample], half=None
+) -> float:
     """Mean loss of the fixed validation samples (no min-SNR weighting: comparable across settings)."""
     device = model.unet.device
     total = 0.0
@@ -85,35 +89,14 @@ def validation_loss(model, noise_scheduler, name: str, vectors, samples: list[Va
     return total / len(samples)
 
 
-def render_preview(model, name: str, vectors, prompt: str, config: TrainConfig):
+def render_preview(model: TIModel, name: str, vectors, prompt: str, config: TrainConfig):
     """One image of `prompt` with the embedding's current vectors (never registered in a tokenizer), at a
     fixed seed, with DPM-Solver++ through diffusers. Returns a PIL image."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    pipeline = model.pipeline()
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler.config)
-    pipeline.set_progress_bar_config(disable=True)
-    device, size = model.unet.device, config.data.resolution
-    with torch.no_grad(), uncompiled():
-        # One call, so the prompt and the negative prompt get the same number of 77-token windows.
-        both = encode_prompts(model, [config.preview_negative_prompt, prompt], {name: vectors})
-        extra = {}
-        if both.pooled is not None:
-            extra = {"pooled_prompt_embeds": both.pooled[1:], "negative_pooled_prompt_embeds": both.pooled[:1]}
-        latents = pipeline(
-            prompt_embeds=both.hidden_states[1:],
-            negative_prompt_embeds=both.hidden_states[:1],
-            height=size,
-            width=size,
-            num_inference_steps=config.preview_steps,
-            guidance_scale=config.preview_guidance,
-            generator=torch.Generator(device=device).manual_seed(config.preview_seed),
-            output_type="latent",
-            **extra,
-        ).images
-        # Decoded here in the VAE's own dtype: the UNet may be half precision, the VAE usually is not.
-        image = model.vae.decode(latents.to(model.vae.dtype) / model.vae.config.scaling_factor).sample
-    return pipeline.image_processor.postprocess(image.float(), output_type="pil")[0]
+    size = config.data.resolution
+    return render_image(
+        model, prompt, config.preview_negative_prompt, {name: vectors}, seed=config.preview_seed,
+        steps=config.preview_steps, width=size, height=size, guidance=config.preview_guidance, sampler="dpm++",
+    )  # fmt: skip
 
 
 def default_preview_prompt(dataset, template: list[str], config: TrainConfig) -> str:
@@ -128,7 +111,7 @@ class Outputs:
     """What the run reports and writes besides the loss: snapshots, validation, previews and the final
     save (files from the main process only; events to the callback)."""
 
-    model: Any
+    model: TIModel
     config: TrainConfig
     run: RunFolder
     procs: Processes

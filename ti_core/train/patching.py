@@ -9,10 +9,11 @@ from collections.abc import Iterator
 import torch
 
 from ..config import TrainConfig
+from ..timodel import TIModel
 
 
 @contextlib.contextmanager
-def training_mode(model, config: TrainConfig) -> Iterator[tuple[torch.device, torch.dtype | None]]:
+def training_mode(model: TIModel, config: TrainConfig) -> Iterator[tuple[torch.device, torch.dtype | None]]:
     """Freeze the model for training; undo the temporary parts (checkpointing, train mode) afterwards."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -99,7 +100,7 @@ def forwards_replaced(modules, make_forward) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def compiled(model, enabled: bool) -> Iterator[None]:
+def compiled(model: TIModel, enabled: bool) -> Iterator[None]:
     """While active (and `enabled`), the UNet and the text encoders run through torch.compile, each whole as
     one graph: on the CPU each compiled region's Python wrappers cost about half a millisecond per step, which
     ate the gain of compiling the repeated blocks one by one (bench/RESULTS.md). Compiling happens in the first
@@ -110,14 +111,7 @@ def compiled(model, enabled: bool) -> Iterator[None]:
         yield
 
 
-def uncompiled():
-    """Previews and validation run eagerly: their no-grad passes (and a preview's doubled batch) would each
-    compile anew, for a handful of calls."""
-    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
-    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
-
-
-def set_checkpointing(model, enabled: bool) -> None:
+def set_checkpointing(model: TIModel, enabled: bool) -> None:
     """Gradient checkpointing on the UNet: recompute its activations in the backward pass (about +50 % of
     its compute) instead of storing them. Only the UNet, as in A1111: with 77 tokens the text encoders keep
     80 MB of activations per SDXL sample in bf16 (19 MB for SD1), against the UNet's gigabytes, and

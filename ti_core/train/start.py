@@ -12,33 +12,48 @@ from ..create import create_embedding
 from ..embedding import Embedding
 from ..formats import load_embedding, other_files_named, refuse_name_clash, save_embedding_to
 from ..names import embedding_path, plural
-from .events import AlreadyTrained
+from ..timodel import TIModel
+from .events import AlreadyTrained, StepsReached
 from .run_folder import RunFolder
 
 
-def starting_embedding(model, config: TrainConfig, run: RunFolder | None = None) -> tuple[Embedding, str]:
+def starting_embedding(model: TIModel, config: TrainConfig, run: RunFolder | None = None) -> tuple[Embedding, str]:
     """The embedding to train (the saved one when resuming, else a new one from the init text), and a note
     for the start message. Resuming from another file than ``<name>.safetensors`` converts it when a `run`
     is given (the main process's): see `adopt_resumed_file`."""
     path = embedding_path(config.embeddings_dir, config.name)
+    check_trainable(config)
     if not config.resume:
         refuse_name_clash(config.embeddings_dir, config.name, path, hint="resume to continue training it, or rename")
         if path.exists() and not config.overwrite:
             # Created (step 0) and never trained: that is the embedding to train, from its initial vectors.
             existing = load_embedding(path, widths=model.widths)
-            if existing.step > 0:
-                raise AlreadyTrained(path, existing.step)
             existing.name = config.name
             return existing, f"training {path.name} as it was created ({plural(existing.num_vectors, 'vector')})"
         return create_embedding(model, config.name, config.init_text, config.vectors), ""
     source = resume_source(config)
     embedding = load_embedding(source, widths=model.widths)
     embedding.name = config.name
-    if embedding.step >= config.steps:
-        raise ValueError(f"{source} is already trained to step {embedding.step}; set more than {embedding.step} steps")
     if source == path or run is None:
         return embedding, ""
     return embedding, adopt_resumed_file(embedding, source, config, run)
+
+
+def check_trainable(config: TrainConfig) -> None:
+    """Whether this run can start, from the files alone (before any model is loaded): the one check of every
+    front end. A new run (no resume, no overwrite) refuses an embedding trained already (AlreadyTrained; a
+    created, never trained one is trained from its initial vectors); a resumed run needs a file to resume
+    (FileNotFoundError, or FileExistsError for several) trained below `config.steps` (StepsReached)."""
+    path = embedding_path(config.embeddings_dir, config.name)
+    if config.resume:
+        source = resume_source(config)
+        step = load_embedding(source).step
+        if step >= config.steps:
+            raise StepsReached(source, step)
+    elif not config.overwrite and path.is_file():
+        step = load_embedding(path).step
+        if step > 0:
+            raise AlreadyTrained(path, step)
 
 
 def resume_source(config: TrainConfig) -> Path:
