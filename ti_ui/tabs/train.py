@@ -184,7 +184,8 @@ def train_tab(demo, backend: Backend):
     seen = gr.State({})
     by_name = {"progress": progress, "plot": plot, "previews": previews, "status": status, "result": result}
     by_name.update(train=train, resume=resume, interrupt=interrupt, seen=seen)
-    poll_every_second(poll_training, [seen], [by_name[name] for name in PollUpdate._fields], elem_id="ti_train_poll")
+    outputs = [by_name[name] for name in PollUpdate._fields]
+    poll_every_second(_poll_values, [seen], outputs, elem_id="ti_train_poll")
     return embedding
 
 
@@ -221,3 +222,8 @@ def _starter(backend: Backend, resume: bool, keys: list[str]) -> Callable[..., s
         return start_training(backend, resume, name, dict(zip(keys, values, strict=True)))
 
     return start
+
+
+def _poll_values(seen: dict | None) -> tuple:
+    """`poll_training`'s named update as the plain tuple gradio takes (gradio 3 sees a named tuple as one value)."""
+    return tuple(poll_training(seen))
