@@ -40,9 +40,9 @@ from ti_ui.actions import (  # noqa: E402
     train_settings,
     try_action,
 )
-from ti_ui.app import _client_script, _css_goes_to_launch, _page_assets, create_ui  # noqa: E402
+from ti_ui.app import client_script, create_ui, css_goes_to_launch, page_assets  # noqa: E402
 from ti_ui.backend import NO_MODEL_HELP, Backend, StandaloneBackend, find_checkpoints  # noqa: E402
-from ti_ui.compat import GRADIO_MAJOR, _js, _supported  # noqa: E402
+from ti_ui.compat import GRADIO_MAJOR, js_kwargs, supported_kwargs  # noqa: E402
 from ti_ui.plot import loss_frame  # noqa: E402
 from ti_ui.render import (  # noqa: E402
     PROMPT_TOKENS,
@@ -92,9 +92,12 @@ __all__ = [  # what this module has always offered, wherever it now lives
     "start_training",
     "train_settings",
     "try_action",
-    "_client_script",  # a host page's test injects ti.js as the web UIs do
+    "client_script",  # a host page's test injects ti.js as the web UIs do
+    "js_kwargs",
+    "_client_script",
     "_js",
 ]
+_client_script, _js = client_script, js_kwargs  # their names before they were public
 
 
 # =================================================================================================== main
@@ -130,14 +133,14 @@ def launch(backend: Backend, *, host: str = "127.0.0.1", port: int = 7860, block
     demo = create_ui(backend)
     # gradio 3 runs one queued event at a time by default, so the progress poller would wait behind a render;
     # gradio 4 still names concurrency_count, but only to reject it.
-    limits = _supported(demo.queue, default_concurrency_limit=4) or {"concurrency_count": 4}
+    limits = supported_kwargs(demo.queue, default_concurrency_limit=4) or {"concurrency_count": 4}
     demo.queue(**limits)
-    extra = _page_assets() if backend.inject_assets and _css_goes_to_launch() else {}
+    extra = page_assets() if backend.inject_assets and css_goes_to_launch() else {}
     demo.launch(
         server_name=host,
         server_port=port,
         prevent_thread_lock=not block,
-        **_supported(demo.launch, show_api=False, quiet=not block),
+        **supported_kwargs(demo.launch, show_api=False, quiet=not block),
         **extra,
     )
     return demo

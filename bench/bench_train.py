@@ -429,7 +429,7 @@ def forward_backward(model, scheduler, inputs: tuple[dict, dict, Batch], config,
 
     vectors, tokens, batch = inputs
     generator = torch.Generator(device=device).manual_seed(seed)
-    with ti_train._autocast(device, half):
+    with ti_train.autocast(device, half):
         loss = ti_train.batch_loss(model, scheduler, vectors, batch, tokens, generator, config)
     loss.backward()
     loss.item()
@@ -455,8 +455,8 @@ class ForwardBackwardOnly:
 
         model, config = self.ours.model, self.ours.config(steps)
         times = []
-        with ti_train._training_mode(model, config) as (device, half):
-            scheduler = ti_train._noise_scheduler(model, config)
+        with ti_train.training_mode(model, config) as (device, half):
+            scheduler = ti_train.noise_scheduler_for(model, config)
             for step in range(steps):
                 forward_backward(model, scheduler, self.inputs, config, device, half, seed=step)
                 times.append(_stamp())

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env)
 
     import ti_core.train as ti_train
+    import ti_core.train.patching
     from ti_core.config import TrainConfig
     from ti_core.data import DataConfig
     from ti_core.models import from_pipeline
@@ -79,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         mixed_precision="bf16",
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    ti_train._casts_frozen_weights = lambda device: True  # the GPU's bf16 frozen weights
-    with ti_train._training_mode(model, config) as (device, half):
+    ti_core.train.patching.casts_frozen_weights = lambda device: True  # the GPU's bf16 frozen weights
+    with ti_train.training_mode(model, config) as (device, half):
         inputs = fixed_step_inputs(model, config.name, args.batch_size, args.resolution, device)
-        scheduler = ti_train._noise_scheduler(model, config)
+        scheduler = ti_train.noise_scheduler_for(model, config)
         frozen = sum(
             p.numel() * p.element_size()
             for m in [model.unet, *(e.model for e in model.encoders)]

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ti_core
-from ti_core import formats, image_data
+from ti_core import atomic, image_data
 from ti_core.embedding import Embedding
 from ti_core.formats import (
     EmbeddingFileError,
@@ -508,7 +508,7 @@ def test_atomic_write_failure_in_replace_keeps_the_old_file(tmp_path, sd1, monke
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(formats.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         save_embedding(Embedding(sd1.name, {"clip_l": torch.zeros(3, 768)}), tmp_path, overwrite=True)
     assert _names(tmp_path) == ["cat toy.safetensors"]
@@ -712,7 +712,7 @@ def test_diffusers_load_textual_inversion_reads_our_files(tmp_path):
     from diffusers.loaders import TextualInversionLoaderMixin
     from transformers import CLIPTextModel
 
-    from ti_core.testing import _text_config
+    from ti_core.testing import text_config
     from ti_core.vocab import clip_tokenizer
 
     class Host(TextualInversionLoaderMixin):
@@ -721,7 +721,7 @@ def test_diffusers_load_textual_inversion_reads_our_files(tmp_path):
 
         def __init__(self):
             self.tokenizer = clip_tokenizer()
-            self.text_encoder = CLIPTextModel(_text_config(32))
+            self.text_encoder = CLIPTextModel(text_config(32))
 
     host = Host()
     embedding = Embedding("tiny", {"clip_l": _vectors(2, 32, 16)})

@@ -166,7 +166,7 @@ def _checkpoint_of_yaml(original_yaml: str, path: Path):
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ti_core.single_file import skeleton_for
+    from ti_core.checkpoints import skeleton_for
     from ti_core.vocab import clip_tokenizer
 
     original = yaml.safe_load(original_yaml)

@@ -14,20 +14,12 @@ import pytest
 import torch
 
 from ti_core import single_file
+from ti_core.checkpoints import CONFIG_ROOT, SKELETONS, check_fits, detect_architecture, normalize_keys, skeleton_for
 from ti_core.ldm_keys import UNET_PREFIX, openclip_to_ldm, pipeline_to_ldm, unet_to_ldm, vae_to_ldm
 from ti_core.models import ModelLoadError, load_model
-from ti_core.single_file import (
-    CONFIG_ROOT,
-    SKELETONS,
-    check_fits,
-    detect_architecture,
-    normalize_keys,
-    predicts_v,
-    sidecar_prediction_type,
-    skeleton_for,
-)
+from ti_core.single_file import predicts_v, sidecar_prediction_type
 from ti_core.testing import (
-    _FakeModelCheckpoint,
+    FakeModelCheckpoint,
     build_tiny_pipeline,
     save_ldm_checkpoint,
     save_tiny_single_file,
@@ -122,7 +114,7 @@ def test_ckpt_carries_lightning_and_numpy_objects(single_files):
     assert "pytorch_lightning.callbacks.model_checkpoint ModelCheckpoint" in ops
     assert "multiarray scalar" in ops  # numpy.core or numpy._core
     left = getattr(sys.modules.get("pytorch_lightning.callbacks.model_checkpoint"), "ModelCheckpoint", object)
-    assert not issubclass(left, _FakeModelCheckpoint)  # the synthetic module is gone again
+    assert not issubclass(left, FakeModelCheckpoint)  # the synthetic module is gone again
 
 
 def test_legacy_torch_format_and_renamed_safetensors_load(single_files, references, ldm_states, tmp_path):

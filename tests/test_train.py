@@ -17,7 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-import ti_core.train as train_module
+import ti_core.train.loop as train_loop
+import ti_core.train.loss as train_loss
+import ti_core.train.outputs as train_outputs
+import ti_core.train.patching as train_patching
 from ti_core.config import TrainConfig
 from ti_core.data import DataConfig
 from ti_core.formats import load_embedding, save_embedding
@@ -26,6 +29,8 @@ from ti_core.prompt import Conditioning
 from ti_core.schedule import learning_rate_at, parse_schedule
 from ti_core.testing import build_tiny_pipeline
 from ti_core.train import (
+    Clock,
+    OutOfMemoryError,
     TrainingLocked,
     diffusion_loss,
     min_snr_weights,
@@ -244,7 +249,7 @@ def test_steps_per_second_and_the_eta_count_training_steps_only():
     """A preview or a snapshot is not a training step: 2 steps/s with a 30 s preview every 2 steps is
     still 2 steps/s, with 1 s left at step 4 of 6 (counting the previews gave 0.12 steps/s, "ETA 0:24")."""
     now = [100.0]
-    clock = train_module.Clock(0, 6, now=lambda: now[0])
+    clock = Clock(0, 6, now=lambda: now[0])
     seen = []
     for step in range(1, 5):
         now[0] += 0.5  # the step
@@ -255,7 +260,7 @@ def test_steps_per_second_and_the_eta_count_training_steps_only():
     assert seen == [(2.0, 2.5), (2.0, 2.0), (2.0, 1.5), (2.0, 1.0)]
     assert (clock.outputs_seconds, clock.elapsed) == (60.0, 62.0)  # the wall clock still has it all
 
-    resumed = train_module.Clock(10, 20, now=lambda: now[0])
+    resumed = Clock(10, 20, now=lambda: now[0])
     now[0] += 4.0
     resumed.tick(12)
     assert (resumed.rate, resumed.eta) == (0.5, 16.0)  # counts this run's steps, not the resumed ones
@@ -263,8 +268,8 @@ def test_steps_per_second_and_the_eta_count_training_steps_only():
 
 def test_a_slow_preview_in_a_run_leaves_steps_per_second_and_the_eta_alone(tmp_path, images, tiny_models, monkeypatch):
     now = [0.0]
-    monkeypatch.setattr(train_module, "Clock", functools.partial(train_module.Clock, now=lambda: now[0]))
-    real_loss = train_module.batch_loss
+    monkeypatch.setattr(train_loop, "Clock", functools.partial(Clock, now=lambda: now[0]))
+    real_loss = train_loop.batch_loss
 
     def one_second_step(*args, **kwargs):
         now[0] += 1.0
@@ -274,8 +279,8 @@ def test_a_slow_preview_in_a_run_leaves_steps_per_second_and_the_eta_alone(tmp_p
         now[0] += 1000.0
         return Image.new("RGB", (64, 64))
 
-    monkeypatch.setattr(train_module, "batch_loss", one_second_step)
-    monkeypatch.setattr(train_module, "render_preview", slow_preview)
+    monkeypatch.setattr(train_loop, "batch_loss", one_second_step)
+    monkeypatch.setattr(train_outputs, "render_preview", slow_preview)
     result, events = run(tiny_models["sd1"], make_config(tmp_path, images, steps=6, preview_every=2))
     assert result.stopped == "done"
     steps = [event for event in events if event.kind == "step"]
@@ -507,7 +512,7 @@ def test_interrupt_saves_the_current_step(tmp_path, images, tiny_models):
 
 
 def fail_on_call(monkeypatch, name: str, call: int, error: BaseException):
-    original = getattr(train_module, name)
+    original = getattr(train_loss, name)
     calls = []
 
     def wrapper(*args, **kwargs):
@@ -516,7 +521,7 @@ def fail_on_call(monkeypatch, name: str, call: int, error: BaseException):
             raise error
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, name, wrapper)
+    monkeypatch.setattr(train_loss, name, wrapper)
 
 
 def test_an_exception_saves_the_last_good_step_and_reports_it(tmp_path, images, tiny_models, monkeypatch):
@@ -531,7 +536,7 @@ def test_an_exception_saves_the_last_good_step_and_reports_it(tmp_path, images, 
 
 
 def test_out_of_memory_suggests_what_to_change(tmp_path, images, tiny_models, monkeypatch):
-    fail_on_call(monkeypatch, "encode_tokenized", 1, train_module.OutOfMemoryError("CUDA out of memory"))
+    fail_on_call(monkeypatch, "encode_tokenized", 1, OutOfMemoryError("CUDA out of memory"))
     result, _ = run(tiny_models["sd1"], make_config(tmp_path, images))
     assert result.stopped == "error" and result.step == 0
     for advice in ("smaller batch size", "gradient checkpointing", "lower resolution"):
@@ -539,7 +544,7 @@ def test_out_of_memory_suggests_what_to_change(tmp_path, images, tiny_models, mo
 
 
 def test_a_nan_loss_stops_and_keeps_the_last_finite_vectors(tmp_path, images, tiny_models, monkeypatch):
-    original = train_module.diffusion_loss
+    original = train_loss.diffusion_loss
     calls = []
 
     def nan_on_third(*args, **kwargs):
@@ -547,7 +552,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_finite_vectors(tmp_path, images, ti
         loss = original(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train_module, "diffusion_loss", nan_on_third)
+    monkeypatch.setattr(train_loss, "diffusion_loss", nan_on_third)
     result, _ = run(tiny_models["sd1"], make_config(tmp_path, images, steps=5))
     assert result.stopped == "nan" and result.step == 2
     assert "the loss became nan at step 3" in result.message
@@ -625,7 +630,7 @@ def test_bf16_frozen_weights_as_on_a_gpu(tmp_path, images, tiny_model_dirs, arch
     from ti_core.models import load_model
 
     model = load_model(tiny_model_dirs[arch])  # its own copy: the cast is in place
-    monkeypatch.setattr(train_module, "_casts_frozen_weights", lambda device: True)
+    monkeypatch.setattr(train_patching, "casts_frozen_weights", lambda device: True)
     config = make_config(
         tmp_path, images, mixed_precision="bf16", steps=3, save_every=1, preview_every=2, preview_steps=2,
         validation_every=1, validation_samples=2, gradient_checkpointing=arch == "sdxl",

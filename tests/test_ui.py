@@ -605,7 +605,7 @@ def test_inside_a_host_page_cards_write_to_the_last_focused_prompt(browser, tiny
         gr.Textbox(label="Prompt", elem_id="txt2img_prompt")
         gr.Textbox(label="Negative prompt", elem_id="txt2img_neg_prompt")
         tab.render()
-        host_page.load(None, None, None, **extension._js(extension._client_script()))  # the host's <head> script
+        host_page.load(None, None, None, **extension.js_kwargs(extension.client_script()))  # the host's <head> script
     port = free_port()
     host_page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -657,7 +657,7 @@ def test_a_card_goes_to_the_prompt_of_the_view_the_user_came_from(browser, tiny_
                 gr.Textbox(label="Negative prompt", elem_id="control_neg_prompt")
             with gr.Tab("Textual Inversion"):
                 tab.render()
-        host_page.load(None, None, None, **extension._js(extension._client_script()))
+        host_page.load(None, None, None, **extension.js_kwargs(extension.client_script()))
     port = free_port()
     host_page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:

@@ -14,25 +14,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .quiet import quiet_libraries
-
-VERBOSE_HELP = "show the libraries' warnings, log lines and progress bars"
-
-
-class UsageError(Exception):
-    """Bad command-line usage (exit code 2)."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print the whole usage block; one line is enough
-        raise UsageError(message)
+from .command_line import add_model_arguments, load_model_from_args, run_command, top_parser
+from .train_cli import add_train_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m ti_core", description="Create, inspect and train Textual Inversion embeddings.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser, commands = top_parser()
 
     create = commands.add_parser("create", help="create an untrained embedding from an init text")
     add_model_arguments(create, required=True)
@@ -60,43 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace files of the same name there")
     export.set_defaults(run=run_export)
 
-    from .train_cli import add_train_parser
-
     add_train_parser(commands)
     return parser
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    # Every command takes a model, so --verbose is accepted after the command name too.
-    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
-    parser.add_argument("--model", required=required, help="diffusers folder, .safetensors/.ckpt file or hub id")
-    parser.add_argument("--model-config", help="diffusers-format config folder for a single-file checkpoint")
-    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="override the model's")
-
-
-def load_model_from_args(args):
-    from .models import load_model
-
-    return load_model(args.model, config=args.model_config, prediction_type=args.prediction_type)
-
-
 def run_create(args) -> int:
-    from .create import create_embedding
-    from .embedding import check_vector_count
-    from .formats import refuse_name_clash, save_embedding
-    from .names import embedding_path
+    from .create import create_embedding_file
 
     # Everything that can be checked without the model is checked before its slow load.
-    target = embedding_path(args.embeddings_dir, args.name)
-    check_vector_count(args.vectors)
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} already exists; add --overwrite to replace it")
-    refuse_name_clash(args.embeddings_dir, args.name, target)
-    model = load_model_from_args(args)
-    embedding = create_embedding(model, args.name, args.init_text, args.vectors)
-    model_hash = model.shorthash()
-    metadata = {"base_model_hash": model_hash} if model_hash else None  # the demo model has no file to hash
-    print(save_embedding(embedding, args.embeddings_dir, overwrite=args.overwrite, metadata=metadata))
+    embedding, path = create_embedding_file(
+        lambda: load_model_from_args(args), args.embeddings_dir, args.name, args.init_text, args.vectors,
+        overwrite=args.overwrite, overwrite_hint="add --overwrite to replace it",
+    )  # fmt: skip
+    print(path)
     print_name_warnings(embedding.name)
     return 0
 
@@ -169,28 +132,7 @@ def run_export(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    try:
-        with quiet_libraries(verbose="--verbose" in argv):
-            args = build_parser().parse_args(argv)
-            return args.run(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 1
-    except Exception as error:  # one line for the user; the traceback only when asked for
-        if debug:
-            raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if isinstance(error, OSError) and error.strerror:  # not "[Errno 2] No such file or directory: 'x'"
-            message = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
-        if not isinstance(error, (ValueError, OSError, RuntimeError)):
-            message = f"unexpected {type(error).__name__}: {message} (rerun with --debug for the traceback)"
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    return run_command(build_parser, argv)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .data import DataConfig
 from .names import validate_name
 from .schedule import parse_schedule
+from .settings import Setting, setting, settings_of
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 GRAD_CLIP = ("disabled", "value", "norm")
@@ -22,62 +23,116 @@ GRAD_CLIP = ("disabled", "value", "norm")
 
 @dataclass
 class TrainConfig:
-    """Settings of one textual-inversion training run (defaults follow A1111 where it has one)."""
+    """Settings of one textual-inversion training run (defaults follow A1111 where it has one). Each field is
+    the one declaration of its setting (ti_core.settings): type, default, range, help, group."""
 
-    name: str
-    embeddings_dir: Path
-    data: DataConfig
-    log_dir: Path = Path("textual_inversion")  # A1111's default; the run's files go to <log_dir>/<name>/
+    name: str = setting(help="the embedding's name: its file stem and prompt token", group="embedding")
+    embeddings_dir: Path = setting(help="folder of the embedding file", group="run")
+    data: DataConfig = field(metadata={"setting": {"nested": DataConfig}})
+    # A1111's default; the run's files go to <log_dir>/<name>/
+    log_dir: Path = setting(
+        Path("textual_inversion"), "snapshots, previews, loss.csv and settings.json go to LOG_DIR/NAME"
+    )
 
     # The embedding: created from init_text when missing; an existing one needs resume or overwrite.
-    init_text: str = "*"
-    vectors: int = 1
-    resume: bool = False
-    overwrite: bool = False
+    init_text: str = setting("*", "text whose tokens start a new embedding's vectors", group="embedding")
+    vectors: int = setting(
+        1, "vectors per token of a new embedding, 1 to 75", group="embedding", minimum=1, maximum=75
+    )
+    resume: bool = setting(False, "continue training the existing embedding (and its optimizer state)")
+    overwrite: bool = setting(False, "replace an existing embedding with a new one")
 
     # Optimisation. `steps` is the step the run ends at, so a resumed run keeps the same target.
-    steps: int = 2000
-    learning_rate: str = "0.005"  # A1111 schedule string, see ti_core.schedule
-    warmup_steps: int = 0
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    grad_clip: str = "disabled"  # "disabled" | "value" | "norm"
-    grad_clip_value: float = 0.1
-    norm_control: float = 0.0  # 0 = off; else cap each vector's norm at this × the vocabulary's median norm
-    seed: int = 0
+    steps: int = setting(
+        2000, "the step to train to", group="optimisation", minimum=1, label="Steps", elem_id="ti_train_steps"
+    )
+    learning_rate: str = setting(
+        "0.005",  # A1111 schedule string, see ti_core.schedule
+        'rate or schedule, e.g. "0.005:100, 1e-3:1000, 1e-5"',
+        group="optimisation",
+        label="Learning rate (schedule: 0.005:100, 1e-3:1000, 1e-5)",
+        elem_id="ti_train_learning_rate",
+    )
+    warmup_steps: int = setting(
+        0, "linear warmup steps", group="optimisation", advanced=True, minimum=0,
+        flags=("--warmup-steps", "--warmup"), label="Warm-up steps", elem_id="ti_train_warmup",
+    )  # fmt: skip
+    batch_size: int = setting(1, group="optimisation", minimum=1, label="Batch size", elem_id="ti_train_batch")
+    gradient_accumulation: int = setting(
+        1, "batches per optimizer step", group="optimisation", minimum=1,
+        label="Gradient accumulation", elem_id="ti_train_accumulation",
+    )  # fmt: skip
+    grad_clip: str = setting(
+        "disabled", "clip gradients by value or by norm", group="optimisation", advanced=True, choices=GRAD_CLIP,
+        label="Gradient clipping", elem_id="ti_train_grad_clip",
+    )  # fmt: skip
+    grad_clip_value: float = setting(
+        0.1, group="optimisation", advanced=True, minimum=0, positive=True, label="Clip at",
+        elem_id="ti_train_grad_clip_value",
+    )  # fmt: skip
+    norm_control: float = setting(
+        0.0, "cap vector norms at this x the vocabulary's median (0 = off)", group="optimisation", advanced=True,
+        minimum=0, zero_means="off",
+    )  # fmt: skip
+    seed: int = setting(0, group="optimisation", advanced=True, label="Seed", elem_id="ti_train_seed")
 
     # The diffusion loss.
-    min_snr_gamma: float = 0.0  # 0 = off; 5 is the value of Hang et al. (2023)
-    noise_offset: float = 0.0
-    timestep_min: int = 0
-    timestep_max: int = 1000  # exclusive
+    min_snr_gamma: float = setting(
+        0.0, "min-SNR loss weighting (0 = off; 5 is usual)", group="loss", advanced=True, minimum=0, zero_means="off"
+    )  # 5 is the value of Hang et al. (2023)
+    noise_offset: float = setting(0.0, group="loss", advanced=True, minimum=0)
+    timestep_min: int = setting(0, group="loss", advanced=True)
+    timestep_max: int = setting(1000, "exclusive", group="loss", advanced=True)
 
     # Speed and memory.
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the UNet and text encoders: faster steps after a one-off compile
-    cache_latents: bool = True  # keep VAE latents on disk under the log folder between runs
+    mixed_precision: str = setting(
+        "no", group="speed", choices=MIXED_PRECISION, label="Mixed precision", elem_id="ti_train_precision"
+    )
+    gradient_checkpointing: bool = setting(
+        False, "less memory, about 50%% more compute", group="speed",
+        label="Gradient checkpointing (less memory, slower)", elem_id="ti_train_gradient_checkpointing",
+    )  # fmt: skip
+    compile: bool = setting(
+        False, "torch.compile the UNet and text encoders: faster steps after a one-off compile of minutes",
+        group="speed", advanced=True,
+    )  # fmt: skip
+    cache_latents: bool = setting(
+        True, "keep VAE latents on disk in the log folder", group="speed", advanced=True
+    )  # between runs
 
     # What the run writes, every N steps (0 = never; no previews also means no <name>.preview.png card).
-    save_every: int = 500
-    preview_every: int = 500
-    validation_every: int = 0
-    validation_samples: int = 4
-    preview_prompt: str = ""  # empty: a template line filled with the first image's caption
-    preview_negative_prompt: str = ""
-    preview_seed: int = 0
-    preview_steps: int = 20
-    preview_guidance: float = 7.0
-    save_optimizer_state: bool = True
+    save_every: int = setting(
+        500, "snapshot every N steps (0 = never)", group="outputs", minimum=0, zero_means="never",
+        label="Save a copy every N steps (0: never)", elem_id="ti_train_save_every",
+    )  # fmt: skip
+    preview_every: int = setting(
+        500, "preview image every N steps (0 = never)", group="outputs", minimum=0, zero_means="never",
+        label="Preview every N steps (0: never)", elem_id="ti_train_preview_every",
+    )  # fmt: skip
+    validation_every: int = setting(
+        0, "validation loss every N steps (0 = never)", group="outputs", advanced=True, minimum=0, zero_means="never"
+    )
+    validation_samples: int = setting(4, group="outputs", advanced=True, minimum=1)
+    preview_prompt: str = setting(
+        "", "default: a template line with the first image's caption", group="outputs",
+        label="Preview prompt (empty: a template line with a caption)", elem_id="ti_train_preview_prompt",
+    )  # fmt: skip
+    preview_negative_prompt: str = setting("", group="outputs", advanced=True)
+    preview_seed: int = setting(0, group="outputs", label="Preview seed", elem_id="ti_train_preview_seed")
+    preview_steps: int = setting(
+        20, group="outputs", minimum=1, label="Preview sampling steps", elem_id="ti_train_preview_steps"
+    )
+    preview_guidance: float = setting(7.0, group="outputs", advanced=True, minimum=0)
+    save_optimizer_state: bool = setting(True, group="outputs", advanced=True)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             self.data = _data_from_dict(self.data)
         if not isinstance(self.data, DataConfig):
             raise ValueError(f"data must be a DataConfig, not {type(self.data).__name__}")
-        for field in dataclasses.fields(self):
-            if field.name != "data":
-                setattr(self, field.name, _coerce(field.name, field.type, getattr(self, field.name)))
+        for item in dataclasses.fields(self):
+            if item.name != "data":
+                setattr(self, item.name, _coerce(item.name, item.type, getattr(self, item.name)))
         self.name = validate_name(self.name)
         parse_schedule(self.learning_rate)  # raises "Invalid learning rate schedule: ..."
         _check(self)
@@ -91,6 +146,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (paths as strings) that `from_dict` turns back into an equal config."""
         return _json_safe(dataclasses.asdict(self))
+
+
+def declared() -> list[Setting]:
+    """Every training setting, in declaration order: TrainConfig's and, as ``data.<name>``, DataConfig's."""
+    return settings_of(TrainConfig)
+
+
+def setting_named(key: str) -> Setting:
+    return next(item for item in declared() if item.key == key)
 
 
 def _data_from_dict(values: dict[str, Any]) -> DataConfig:
@@ -134,39 +198,19 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
 
 
 def _check(config: TrainConfig) -> None:
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(message)
-
-    require(1 <= config.vectors <= 75, f"vectors must be between 1 and 75, not {config.vectors}")
-    require(config.steps >= 1, f"steps must be at least 1, not {config.steps}")
-    require(config.warmup_steps >= 0, f"warmup_steps must not be negative, not {config.warmup_steps}")
-    require(config.batch_size >= 1, f"batch_size must be at least 1, not {config.batch_size}")
-    require(
-        config.gradient_accumulation >= 1,
-        f"gradient_accumulation must be at least 1, not {config.gradient_accumulation}",
-    )
-    require(
-        config.grad_clip in GRAD_CLIP, f"grad_clip must be one of {', '.join(GRAD_CLIP)}, not {config.grad_clip!r}"
-    )
-    require(config.grad_clip_value > 0, f"grad_clip_value must be positive, not {config.grad_clip_value}")
-    require(config.norm_control >= 0, f"norm_control must be 0 (off) or positive, not {config.norm_control}")
-    require(config.min_snr_gamma >= 0, f"min_snr_gamma must be 0 (off) or positive, not {config.min_snr_gamma}")
-    require(config.noise_offset >= 0, f"noise_offset must not be negative, not {config.noise_offset}")
-    require(
-        0 <= config.timestep_min < config.timestep_max,
-        f"timesteps must satisfy 0 <= timestep_min < timestep_max, not {config.timestep_min}..{config.timestep_max}",
-    )
-    require(
-        config.mixed_precision in MIXED_PRECISION,
-        f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {config.mixed_precision!r}",
-    )
-    for every in ("save_every", "preview_every", "validation_every"):
-        require(getattr(config, every) >= 0, f"{every} must be 0 (never) or positive, not {getattr(config, every)}")
-    require(config.validation_samples >= 1, f"validation_samples must be at least 1, not {config.validation_samples}")
-    require(config.preview_steps >= 1, f"preview_steps must be at least 1, not {config.preview_steps}")
-    require(config.preview_guidance >= 0, f"preview_guidance must not be negative, not {config.preview_guidance}")
-    require(not (config.resume and config.overwrite), "resume and overwrite exclude each other")
+    """Each setting against its declared range or choices, then what involves two settings."""
+    for item in declared():
+        if not item.key.startswith("data."):
+            problem = item.problem(getattr(config, item.key))
+            if problem:
+                raise ValueError(problem)
+    if not 0 <= config.timestep_min < config.timestep_max:
+        raise ValueError(
+            "timesteps must satisfy 0 <= timestep_min < timestep_max, "
+            f"not {config.timestep_min}..{config.timestep_max}"
+        )
+    if config.resume and config.overwrite:
+        raise ValueError("resume and overwrite exclude each other")
 
 
 def _json_safe(value: Any) -> Any:

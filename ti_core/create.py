@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 
-from .embedding import Embedding, spread_vectors
-from .names import validate_name
+from .embedding import Embedding, check_vector_count, spread_vectors
+from .formats import refuse_name_clash, save_embedding
+from .names import embedding_path, validate_name
+from .timodel import TIModel
 from .vocab import clean_text
 
 
@@ -14,7 +19,7 @@ def init_token_ids(tokenizer, init_text: str) -> list[int]:
     return tokenizer(clean_text(init_text), add_special_tokens=False).input_ids if init_text.strip() else []
 
 
-def create_embedding(model, name: str, init_text: str, num_vectors: int) -> Embedding:
+def create_embedding(model: TIModel, name: str, init_text: str, num_vectors: int) -> Embedding:
     """A new embedding of `num_vectors` vectors per encoder, spread from the init text's tokens.
 
     Each vector is a row of the text encoder's token-embedding table (before the transformer), so an
@@ -33,3 +38,35 @@ def create_embedding(model, name: str, init_text: str, num_vectors: int) -> Embe
         "base_model": model.name,
     }
     return Embedding(name=name, vectors=vectors, step=0, metadata=metadata)
+
+
+def create_embedding_file(
+    model: TIModel | Callable[[], TIModel],
+    embeddings_dir: Path,
+    name: str,
+    init_text: str = "*",
+    vectors: int = 1,
+    *,
+    overwrite: bool = False,
+    overwrite_hint: str = "set overwrite to replace it",
+) -> tuple[Embedding, Path]:
+    """Create `name` from `init_text` and write ``<embeddings_dir>/<name>.safetensors``, recording the base
+    model's hash: the one create action of the command line, the Train tab and the web UI route.
+
+    What needs no model is checked first (the vector count, an existing file, a name another file already
+    gives the web UIs), so with `model` given as a loader a mistake is reported before the slow load. An
+    existing file without `overwrite` is a FileExistsError ending in `overwrite_hint`, in the caller's words.
+    """
+    embeddings_dir = Path(embeddings_dir)
+    vectors = check_vector_count(vectors)
+    target = embedding_path(embeddings_dir, name)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target.name} already exists in {embeddings_dir}; {overwrite_hint}")
+    refuse_name_clash(embeddings_dir, name, target)
+    if callable(model):
+        model = model()
+    embedding = create_embedding(model, name, init_text, vectors)
+    model_hash = model.shorthash()
+    metadata = {"base_model_hash": model_hash} if model_hash else None  # the demo model has no file to hash
+    embeddings_dir.mkdir(parents=True, exist_ok=True)
+    return embedding, save_embedding(embedding, embeddings_dir, overwrite=overwrite, metadata=metadata)

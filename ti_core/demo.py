@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .models import TIModel
+    from .timodel import TIModel
 
 DEMO_MODEL_ID = "demo:tiny-sd1"  # the model source that stands for the demo model
 DEMO_LABEL = "Demo model (for trying the app: pictures are noise)"
@@ -28,8 +28,8 @@ def is_demo(source: object) -> bool:
 
 def build_demo_model() -> TIModel:
     """The demo model, the same type `load_model` returns; the same weights every time (seed 0)."""
-    from .models import from_pipeline
     from .testing import build_tiny_pipeline
+    from .timodel import from_pipeline
 
     model = from_pipeline(build_tiny_pipeline("sd1"), DEMO_MODEL_ID)
     model.name = DEMO_MODEL_NAME

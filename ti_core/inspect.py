@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .embedding import REAL_WIDTHS, Embedding
+from .timodel import TIModel
 
 
 def file_layout(path: Path) -> str:
@@ -52,7 +53,7 @@ def _json_or_none(text: str | None):
         return text
 
 
-def nearest_tokens(model, embedding: Embedding, count: int = 5) -> dict[str, list[list[tuple[str, float]]]]:
+def nearest_tokens(model: TIModel, embedding: Embedding, count: int = 5) -> dict[str, list[list[tuple[str, float]]]]:
     """For each vector, the vocabulary tokens with the highest cosine similarity (per encoder)."""
     result = {}
     for encoder in model.encoders:

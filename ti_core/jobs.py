@@ -18,7 +18,10 @@ import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the trainer (torch, diffusers) is imported when a run starts, not with the UI
+    from .train.events import TrainEvent, TrainResult
 
 # Every change of any job's state gets the next number, so a poller can skip redrawing when nothing changed,
 # even across runs (a new run never repeats an old run's number).
@@ -150,28 +153,27 @@ class TrainingJob:
                 traceback.print_exc()
             self._finish(stopped="error", message=f"Training failed: {_one_line(error)}", error=_one_line(error))
 
-    def _handle_event(self, event) -> None:
+    def _handle_event(self, event: TrainEvent) -> None:
         """The trainer's callback: fold the event into the snapshot, then tell the observer."""
-        kind = getattr(event, "kind", "")
+        kind = event.kind
         changes: dict[str, Any] = {}
         for field in ("step", "total", "lr", "steps_per_second", "eta_seconds", "outputs_seconds", "epoch"):
-            value = getattr(event, field, None)
+            value = getattr(event, field)
             if value is not None:
                 changes[field] = _plain(value)
-        loss = getattr(event, "loss", None)
+        loss = event.loss
         if loss is not None:  # a validation event's loss is the held-out loss, kept apart from the training loss
             changes["validation_loss" if kind == "validation" else "loss"] = _plain(loss)
-        message = getattr(event, "message", "")
-        if message:
-            changes["message"] = message
+        if event.message:
+            changes["message"] = event.message
         if kind in ("start", "step"):
             changes["phase"] = "training"
         if kind == "start":  # where this run began: a resumed run's earlier steps are in its run folder
-            changes["start_step"] = int(getattr(event, "step", 0) or 0)
-        path = getattr(event, "path", None)
+            changes["start_step"] = int(event.step or 0)
+        path = event.path
         with self._lock:
             if kind == "step" and loss is not None and math.isfinite(float(loss)):
-                self._state["losses"].append((int(getattr(event, "step", 0) or 0), float(loss)))
+                self._state["losses"].append((int(event.step or 0), float(loss)))
                 if len(self._state["losses"]) > MAX_LOSS_POINTS:
                     self._state["losses"] = self._state["losses"][::2]
             if kind == "preview" and path is not None:
@@ -188,11 +190,9 @@ class TrainingJob:
             except Exception:  # an observer's bug must not kill the run
                 traceback.print_exc()
 
-    def _finish_with(self, result) -> None:
-        stopped = getattr(result, "stopped", "done")
-        path = getattr(result, "embedding_path", None)
-        step = getattr(result, "step", None)
-        message = getattr(result, "message", "") or _default_message(stopped, step, path)
+    def _finish_with(self, result: TrainResult) -> None:
+        stopped, path, step = result.stopped, result.embedding_path, result.step
+        message = result.message or _default_message(stopped, step, path)
         changes: dict[str, Any] = {"stopped": stopped, "message": message}
         if path is not None:
             changes["final_path"] = str(path)

@@ -2,165 +2,25 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+from .demo import build_demo_model, is_demo
+from .shared_weights import model_from_tensors, original_config_from_yaml
+from .single_file import load_single_file, read_state_dict, sidecar_prediction_type
+from .timodel import SINGLE_FILE_SUFFIXES, ModelLoadError, TextEncoder, TIModel, architecture_of, from_pipeline
 
-
-class ModelLoadError(ValueError):
-    """A model source that cannot be loaded; the message names it and says why.
-
-    ``cli_hint`` is advice in command-line words (a flag to pass); inside a web UI the glue shows
-    ``message`` with advice of its own instead.
-    """
-
-    def __init__(self, message: str, cli_hint: str = "") -> None:
-        super().__init__(f"{message} ({cli_hint})" if cli_hint else message)
-        self.message = message
-        self.cli_hint = cli_hint
-        self.fits_no_config = False  # the weights have sizes none of the known configs describe
-
-
-@dataclass
-class TextEncoder:
-    """One CLIP text encoder with its tokenizer, under the key its embedding tensor is stored with."""
-
-    key: str
-    tokenizer: Any
-    model: Any
-
-    @property
-    def width(self) -> int:
-        return self.model.get_input_embeddings().weight.shape[1]
-
-    @property
-    def token_table(self) -> torch.Tensor:
-        """The token embeddings of this tokenizer's vocabulary (a view). A web UI's encoder may have more rows:
-        SD.Next appends one per loaded embedding, which no token of ours refers to."""
-        return self.model.get_input_embeddings().weight[: len(self.tokenizer)]
-
-
-@dataclass
-class TIModel:
-    """The parts of a Stable Diffusion model that textual inversion uses."""
-
-    architecture: str  # "sd1" | "sd2" | "sdxl"
-    encoders: list[TextEncoder]
-    unet: Any
-    vae: Any
-    scheduler: Any
-    source: str
-    name: str
-    file_path: Path | None = None
-    # True when the weights are another model's tensors (a web UI's loaded checkpoint): they must stay
-    # where they are, in their dtype and memory layout, and are never written.
-    shares_weights: bool = False
-    _sha256: str | None = field(default=None, repr=False)
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.get("prediction_type", "epsilon")
-
-    @property
-    def resolution(self) -> int:
-        """The native training/preview resolution in pixels."""
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def widths(self) -> dict[str, int]:
-        return {encoder.key: encoder.width for encoder in self.encoders}
-
-    @property
-    def tokenizer(self):
-        return self.encoders[0].tokenizer
-
-    def sha256(self) -> str | None:
-        """SHA-256 of the checkpoint file (what the web UIs show as the model hash), computed once."""
-        if self._sha256 is None and self.file_path is not None and self.file_path.is_file():
-            digest = hashlib.sha256()
-            with open(self.file_path, "rb") as handle:
-                while chunk := handle.read(1 << 22):
-                    digest.update(chunk)
-            self._sha256 = digest.hexdigest()
-        return self._sha256
-
-    def shorthash(self) -> str | None:
-        full = self.sha256()
-        return full[:10] if full else None
-
-    def pipeline(self):
-        """A diffusers pipeline over the same modules (no copies), for rendering previews."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        if self.architecture == "sdxl":
-            (clip_l, clip_g) = self.encoders
-            return StableDiffusionXLPipeline(
-                vae=self.vae,
-                text_encoder=clip_l.model,
-                text_encoder_2=clip_g.model,
-                tokenizer=clip_l.tokenizer,
-                tokenizer_2=clip_g.tokenizer,
-                unet=self.unet,
-                scheduler=self.scheduler,
-            )
-        (encoder,) = self.encoders
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=encoder.model,
-            tokenizer=encoder.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-
-
-def architecture_of(pipeline) -> str:
-    """sd1, sd2 or sdxl, from a loaded diffusers pipeline."""
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        return "sdxl"
-    width = pipeline.text_encoder.get_input_embeddings().weight.shape[1]
-    if width in (768, 1024):
-        return "sd1" if width == 768 else "sd2"
-    # Tiny test models: SD2's UNet is the one with linear projections in its transformer blocks.
-    return "sd2" if pipeline.unet.config.get("use_linear_projection") else "sd1"
-
-
-def from_pipeline(pipeline, source: str, file_path: Path | None = None) -> TIModel:
-    """Wrap a diffusers StableDiffusion(XL)Pipeline."""
-    architecture = architecture_of(pipeline)
-    if architecture == "sdxl":
-        encoders = [
-            TextEncoder("clip_l", pipeline.tokenizer, pipeline.text_encoder),
-            TextEncoder("clip_g", pipeline.tokenizer_2, pipeline.text_encoder_2),
-        ]
-    else:
-        key = "clip_h" if architecture == "sd2" else "clip_l"
-        encoders = [TextEncoder(key, pipeline.tokenizer, pipeline.text_encoder)]
-    for module in [pipeline.unet, pipeline.vae, *(encoder.model for encoder in encoders)]:
-        module.requires_grad_(False)
-        module.eval()
-    return TIModel(
-        architecture=architecture,
-        encoders=encoders,
-        unet=pipeline.unet,
-        vae=pipeline.vae,
-        scheduler=pipeline.scheduler,
-        source=source,
-        name=Path(source).stem if file_path else Path(source.rstrip("/\\")).name,
-        file_path=file_path,
-    )
+__all__ = [
+    "SINGLE_FILE_SUFFIXES",
+    "ModelLoadError",
+    "TIModel",
+    "TextEncoder",
+    "architecture_of",
+    "from_pipeline",
+    "load_model",
+]
 
 
 def _pipeline_class(folder: Path):
@@ -183,8 +43,6 @@ def load_model(
     SD1/SD2/SDXL skeletons by default); ``prediction_type`` ("epsilon" or "v_prediction") overrides
     what the checkpoint implies. ``demo:tiny-sd1`` (ti_core.demo.DEMO_MODEL_ID) is the demo model.
     """
-    from .demo import build_demo_model, is_demo
-
     if is_demo(source):
         return build_demo_model()
     if prediction_type not in (None, "epsilon", "v_prediction"):
@@ -193,8 +51,6 @@ def load_model(
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"{path}: not a model checkpoint (expected .safetensors or .ckpt)")
-        from .single_file import load_single_file
-
         try:
             pipeline = load_single_file(path, config=config, prediction_type=prediction_type, dtype=dtype)
         except ModelLoadError as error:
@@ -226,9 +82,6 @@ def load_model(
 def _from_original_config(path: Path, original_config: Path, prediction_type: str | None, dtype) -> TIModel:
     """A checkpoint that fits none of the shipped configs, built from the `<checkpoint>.yaml` beside it (the
     web UIs' convention for non-standard models)."""
-    from .shared_weights import model_from_tensors, original_config_from_yaml
-    from .single_file import read_state_dict, sidecar_prediction_type
-
     config = original_config_from_yaml(original_config)
     state_dict, _metadata = read_state_dict(path)
     state_dict = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}

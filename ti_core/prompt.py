@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .timodel import TIModel
 from .vocab import clean_text
 
 CHUNK_TOKENS = 75  # tokens per 77-token window, between BOS and EOS
@@ -159,7 +160,9 @@ def _batch(tokenized: Sequence[TokenizedPrompt]) -> TokenizedPrompt:
     return TokenizedPrompt(torch.cat(ids), splices, eos_positions)
 
 
-def encode_tokenized(model, tokenized: Mapping[str, Sequence[TokenizedPrompt]], vectors: Vectors) -> Conditioning:
+def encode_tokenized(
+    model: TIModel, tokenized: Mapping[str, Sequence[TokenizedPrompt]], vectors: Vectors
+) -> Conditioning:
     """Run the text encoder(s) on tokenized prompts with the embeddings' vectors spliced in.
 
     SD1/SD2 condition on the last hidden state, SDXL on the penultimate layer of both encoders
@@ -194,7 +197,7 @@ def encode_tokenized(model, tokenized: Mapping[str, Sequence[TokenizedPrompt]], 
     return Conditioning(torch.cat(states, dim=-1), pooled)
 
 
-def encode_prompts(model, prompts: Sequence[str], embeddings: Sequence | Vectors = ()) -> Conditioning:
+def encode_prompts(model: TIModel, prompts: Sequence[str], embeddings: Sequence | Vectors = ()) -> Conditioning:
     """Encode prompts in which embedding tokens (file stems) are replaced by their vectors.
 
     `embeddings` is a sequence of `Embedding`s or a mapping name -> {encoder key: [N, d] tensor}.
@@ -229,7 +232,7 @@ class PromptTokenCache:
     (`encode_tokenized` only reads them).
     """
 
-    def __init__(self, model, vector_counts: Mapping[str, int], limit: int = 4096) -> None:
+    def __init__(self, model: TIModel, vector_counts: Mapping[str, int], limit: int = 4096) -> None:
         self.model, self.vector_counts, self.limit = model, dict(vector_counts), limit
         self._tokens: dict[str, dict[str, TokenizedPrompt]] = {}
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .checkpoints import check_fits, detect_architecture, normalize_keys, skeleton_for
 from .ldm_keys import (
     SD1_CLIP_PREFIX,
     SD2_OPENCLIP_PREFIX,
@@ -31,13 +32,8 @@ from .ldm_keys import (
     unet_key,
     vae_key,
 )
-from .models import ModelLoadError, TextEncoder, TIModel
-from .single_file import (
-    check_fits,
-    detect_architecture,
-    normalize_keys,
-    skeleton_for,
-)
+from .single_file import clip_tokenizers
+from .timodel import ModelLoadError, TextEncoder, TIModel
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -330,8 +326,6 @@ def model_from_tensors(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers import DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-    from .single_file import _tokenizers
-
     text_encoders = dict(text_encoders or {})
     shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
     shapes.update(_text_encoder_shapes(text_encoders))
@@ -345,7 +339,7 @@ def model_from_tensors(
     _assign(unet, lambda name: state_dict.get(UNET_PREFIX + unet_key(name, unet.config)), f"{source} (UNet)")
     _assign(vae, _vae_lookup(state_dict, vae.config), f"{source} (VAE)")
 
-    tokenizers = _tokenizers(architecture)
+    tokenizers = clip_tokenizers(architecture)
     encoders = [
         TextEncoder(
             key,

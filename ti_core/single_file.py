@@ -13,223 +13,58 @@
 
 from __future__ import annotations
 
-import builtins
-import collections
 import contextlib
-import importlib
-import inspect
-import json
-import pickle
 import re
 import threading
-import types
 import zipfile
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from functools import cache
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .ldm_keys import (
-    SD1_CLIP_PREFIX,
-    SD2_OPENCLIP_PREFIX,
-    SDXL_CLIP_G_PREFIX,
-    SDXL_CLIP_L_PREFIX,
-    SGM_FIRST_OPENCLIP_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
-    unet_key,
-    vae_key,
+from .checkpoints import (
+    CONV_IN_KEY,
+    NOT_SD,
+    PREDICTION_TYPES,
+    check_fits,
+    detect_architecture,
+    normalize_keys,
+    skeleton_for,
+    text_widths,
 )
-from .models import ModelLoadError
-
-CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
-# Diffusers-format config skeletons (configs only, no weights) of the reference models; see configs/SOURCES.md.
-SKELETONS = {
-    "sd1": "sd1",  # runwayml/stable-diffusion-v1-5
-    "sd2-512": "sd2-512",  # stabilityai/stable-diffusion-2-1-base (epsilon)
-    "sd2-768-v": "sd2-768-v",  # stabilityai/stable-diffusion-2-1 (v-prediction)
-    "sdxl": "sdxl",  # stabilityai/stable-diffusion-xl-base-1.0
-}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
-NOT_SD = "is not an SD1/SD2/SDXL checkpoint"
-LOSS_PREFIX = VAE_PREFIX + "loss."
-
-
-def skeleton_for(architecture: str, prediction_type: str | None = None) -> Path:
-    """The shipped config folder used for a single file of this architecture when no ``config`` is given."""
-    if architecture == "sd2":
-        return CONFIG_ROOT / SKELETONS["sd2-768-v" if prediction_type == "v_prediction" else "sd2-512"]
-    if architecture not in ("sd1", "sdxl"):
-        raise ValueError(f"architecture must be sd1, sd2 or sdxl, not {architecture!r}")
-    return CONFIG_ROOT / SKELETONS[architecture]
-
+from .safe_pickle import CHECKPOINTS, RefusedGlobal, load_pickle
+from .timodel import ModelLoadError
 
 # --------------------------------------------------------------------------------------------------
-# Safe .ckpt unpickling
-
-
-class ForbiddenGlobal(pickle.UnpicklingError):
-    """A pickle refers to something that could run code when unpickled."""
-
-
-class _Inert:
-    """Stands in for a training-framework object in a .ckpt (callback state, hyper-parameters).
-
-    It accepts any construction and state and does nothing with them.
-    """
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):  # SETITEMS on a dict subclass
-        pass
-
-    def append(self, value):  # APPENDS on a list subclass
-        pass
-
-    def extend(self, values):
-        pass
-
-
-# Whole packages whose objects are replaced by inert placeholders: they only carry training state.
-_INERT_PACKAGES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf")
-_INERT_GLOBALS = {
-    ("argparse", "Namespace"),  # old Lightning hyper-parameters
-    ("typing", "Any"),  # OmegaConf metadata
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "Path"),
-}
-_TORCH_REBUILDERS = (
-    "_rebuild_tensor",
-    "_rebuild_tensor_v2",
-    "_rebuild_tensor_v3",
-    "_rebuild_parameter",
-    "_rebuild_parameter_with_state",
-    "_rebuild_device_tensor_from_numpy",
-    "_rebuild_meta_tensor_no_storage",
-    "_rebuild_wrapper_subclass",
-    "_rebuild_qtensor",
-    "_rebuild_sparse_tensor",
-    "_rebuild_nested_tensor",
-)
-
-
-def _codecs_encode(text, encoding="utf-8", errors="strict"):
-    import codecs
-
-    return codecs.encode(text, encoding, errors)
-
-
-@cache
-def _inert_class(module: str, name: str) -> type:
-    return type(name, (_Inert,), {"__module__": f"ti_core.inert.{module}"})
-
-
-def _allowed_global(module: str, name: str):
-    """The object a checkpoint pickle may refer to, or None."""
-    if module == "__builtin__":
-        module = "builtins"
-    if module == "collections" and name in ("OrderedDict", "defaultdict", "Counter"):
-        return getattr(collections, name)
-    if module == "builtins" and name in ("set", "frozenset", "bytearray", "complex", "slice"):
-        return getattr(builtins, name)
-    if module == "_codecs" and name == "encode":
-        return _codecs_encode
-    if module == "torch._utils" and name in _TORCH_REBUILDERS:
-        return getattr(torch._utils, name, None)
-    if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-        return getattr(torch._tensor, name, None)
-    if module == "torch.serialization" and name == "_get_layout":
-        return getattr(torch.serialization, name, None)
-    if module == "torch.nn.parameter" and name == "Parameter":
-        return torch.nn.Parameter
-    if module == "torch" and name in ("Size", "device", "Tensor"):
-        return getattr(torch, name)
-    if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-        return getattr(torch, name)
-    if module == "torch.torch_version" and name == "TorchVersion":
-        return str  # a str subclass
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
-        return _numpy_global("multiarray", name)
-    if module == "numpy" and name in ("dtype", "ndarray"):
-        return _numpy_global("", name)
-    if module.split(".")[0] in _INERT_PACKAGES or (module, name) in _INERT_GLOBALS:
-        return _inert_class(module, name)
-    return None
-
-
-def _numpy_global(submodule: str, name: str):
-    try:
-        import numpy
-    except ImportError:  # without numpy the value cannot matter to us
-        return _inert_class(f"numpy.{submodule}", name)
-    if not submodule:
-        return getattr(numpy, name)
-    # numpy 2 moved numpy.core to numpy._core; numpy 1.x (the web UIs' pin) may have a partial
-    # numpy._core stub, so try each real module rather than trusting the attribute.
-    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        with contextlib.suppress(ImportError, AttributeError):
-            return getattr(importlib.import_module(module_name), name)
-    return _inert_class(f"numpy.{submodule}", name)
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles tensors, containers and known-inert training objects; refuses every other global."""
-
-    def find_class(self, module, name):
-        found = _allowed_global(module, name)
-        if found is None:
-            raise ForbiddenGlobal(f"'{module}.{name}' is not allowed in a checkpoint (it could run code)")
-        return found
-
-
-def _restricted_load(file, **kwargs):
-    return RestrictedUnpickler(file, **kwargs).load()
-
-
-# torch.load(pickle_module=...) takes a module-like object with Unpickler and load.
-safe_pickle = types.ModuleType("ti_core_safe_pickle")
-safe_pickle.Unpickler = RestrictedUnpickler
-safe_pickle.load = _restricted_load
-safe_pickle.Pickler = pickle.Pickler
-safe_pickle.dump = pickle.dump
-safe_pickle.UnpicklingError = pickle.UnpicklingError
+# Safe .ckpt reading
 
 
 def safe_torch_load(path: Path) -> Any:
-    """torch.load of a .ckpt/.pt with the restricted unpickler (torch 2.1 ... 2.13)."""
+    """A .ckpt/.pt through the restricted unpickler's checkpoint allow-list; ModelLoadError (one line) if it
+    holds code or is no checkpoint."""
     path = Path(path)
-    kwargs: dict[str, Any] = {"map_location": "cpu", "pickle_module": safe_pickle}
-    parameters = inspect.signature(torch.load).parameters
-    if "weights_only" in parameters:
-        kwargs["weights_only"] = False  # our unpickler is the restriction; torch refuses both at once
+    mmap = False
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
         if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
             # torch.load hands TorchScript archives to torch.jit.load, which runs their code.
             raise ModelLoadError(f"{path} is a TorchScript archive, not a checkpoint")
-        if "mmap" in parameters:
-            kwargs["mmap"] = True
+        mmap = True
     try:
         try:
-            return torch.load(path, **kwargs)
-        except ForbiddenGlobal:
+            return load_pickle(path, CHECKPOINTS, mmap=mmap)
+        except RefusedGlobal:
             raise
         except Exception:
-            if not kwargs.pop("mmap", False):
+            if not mmap:
                 raise
-            return torch.load(path, **kwargs)  # some older zip checkpoints do not memory-map
-    except ForbiddenGlobal as error:
+            return load_pickle(path, CHECKPOINTS)  # some older zip checkpoints do not memory-map
+    except RefusedGlobal as error:
         raise ModelLoadError(
-            f"refusing to load {path}: {error}; convert it to .safetensors with a tool you trust"
+            f"refusing to load {path}: '{error.name}' is not allowed in a checkpoint (it could run code); "
+            "convert it to .safetensors with a tool you trust"
         ) from None
     except Exception as error:  # zip, pickle and storage errors of truncated or foreign files have many types
         raise ModelLoadError(
@@ -306,219 +141,6 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 # --------------------------------------------------------------------------------------------------
-# Recognising the architecture
-
-
-def _has_prefix(keys: Iterable[str], prefix: str) -> bool:
-    return any(key.startswith(prefix) for key in keys)
-
-
-def _count(keys: Sequence[str]) -> str:
-    return f"{len(keys)} key{'s' if len(keys) != 1 else ''}, e.g. {keys[0]}" if keys else "no tensors"
-
-
-def describe_keys(keys: Iterable[str]) -> str:
-    """What a set of keys looks like, for error messages: 'a VAE (180 keys, e.g. decoder.conv_in.bias)'."""
-    keys = sorted(keys)
-    if not keys:
-        return "no tensors"
-    tops = {key.split(".")[0] for key in keys}
-    if any(("lora_" in key or "hada_" in key or "lokr_" in key or key.endswith(".alpha")) for key in keys):
-        what = "a LoRA/LyCORIS network"
-    elif any(".joint_blocks." in key or key.startswith("joint_blocks.") for key in keys):
-        what = "an SD3 model"
-    elif any("double_blocks." in key for key in keys):
-        what = "a Flux model"
-    elif tops <= {"encoder", "decoder", "quant_conv", "post_quant_conv"} or tops == {"first_stage_model"}:
-        what = "a VAE"
-    elif tops & {"string_to_param", "emb_params", "clip_l", "clip_g", "string_to_token"}:
-        what = "a textual-inversion embedding"
-    elif tops & {"control_model", "input_hint_block"} or _has_prefix(keys, "controlnet_"):
-        what = "a ControlNet"
-    elif tops & {"down_blocks", "up_blocks", "mid_block"}:
-        what = "diffusers-format UNet weights (give the diffusers model folder instead)"
-    elif tops <= {"cond_stage_model", "conditioner", "text_model", "transformer"}:
-        what = "text-encoder weights only"
-    elif _has_prefix(keys, UNET_PREFIX):
-        what = "a diffusion model that is not a Stable Diffusion UNet"
-    else:
-        what = "unrecognised tensors"
-    return f"{what} ({_count(keys)})"
-
-
-_IN_CHANNEL_KINDS = {
-    9: "an inpainting model",
-    8: "an instruct-pix2pix model",
-    5: "a depth-to-image model",
-    7: "an upscaler",
-}
-
-
-def detect_architecture(shapes: Mapping[str, Sequence[int]], source: str | Path = "checkpoint") -> str:
-    """'sd1', 'sd2' or 'sdxl' from key names and shapes; ModelLoadError naming ``source`` otherwise."""
-    keys = list(shapes)
-    conv_in = shapes.get(CONV_IN_KEY)
-    if conv_in is None:
-        raise ModelLoadError(f"{source} {NOT_SD}: found {describe_keys(keys)}")
-    in_channels = conv_in[1] if len(conv_in) == 4 else None
-    if in_channels != 4:
-        kind = _IN_CHANNEL_KINDS.get(in_channels, "an unsupported UNet")
-        raise ModelLoadError(
-            f"{source} {NOT_SD}: found {kind} (its UNet takes {in_channels} input channels; text-to-image takes 4)"
-        )
-    has = lambda prefix: _has_prefix(keys, prefix)  # noqa: E731
-    if has(SDXL_CLIP_G_PREFIX) and has(SDXL_CLIP_L_PREFIX):
-        return "sdxl"
-    if has(SGM_FIRST_OPENCLIP_PREFIX):
-        width = shapes.get(SGM_FIRST_OPENCLIP_PREFIX + "ln_final.weight")
-        if not has(UNET_PREFIX + "label_emb.") and tuple(width or ()) == (1024,):
-            return "sd2"  # an SD2 model saved by SGM (SD2.1-turbo): renamed by normalize_keys
-        raise ModelLoadError(
-            f"{source} {NOT_SD}: found an SDXL refiner (an OpenCLIP-G text encoder only; {_count(sorted(keys))})"
-        )
-    if has(SD2_OPENCLIP_PREFIX):
-        return "sd2"
-    if has(SD1_CLIP_PREFIX):
-        return "sd1"
-    raise ModelLoadError(f"{source} {NOT_SD}: found a UNet without a text encoder ({_count(sorted(keys))})")
-
-
-# Old SD1 files (transformers < 4.?) lack ``text_model.`` in the CLIP keys, as A1111's
-# checkpoint_dict_replacements_sd1 notes; SD2.1-turbo stores SD2's text encoder under SGM's name.
-_SD1_OLD_CLIP = ("embeddings.", "encoder.", "final_layer_norm.")
-
-
-def normalize_keys(state_dict: dict[str, torch.Tensor], architecture: str) -> dict[str, torch.Tensor]:
-    """Rename the layouts diffusers does not read into the ones it does (new dict only if needed)."""
-    if architecture == "sd1" and any(
-        key.startswith(SD1_CLIP_PREFIX + old) for key in state_dict for old in _SD1_OLD_CLIP
-    ):
-        old_prefixes = tuple(SD1_CLIP_PREFIX + old for old in _SD1_OLD_CLIP)
-        return {
-            SD1_CLIP_PREFIX + "text_model." + key[len(SD1_CLIP_PREFIX) :]
-            if key.startswith(old_prefixes)
-            else key: value
-            for key, value in state_dict.items()
-        }
-    if architecture == "sd2" and _has_prefix(state_dict, SGM_FIRST_OPENCLIP_PREFIX):
-        return {
-            SD2_OPENCLIP_PREFIX + key[len(SGM_FIRST_OPENCLIP_PREFIX) :]
-            if key.startswith(SGM_FIRST_OPENCLIP_PREFIX)
-            else key: value
-            for key, value in state_dict.items()
-        }
-    return state_dict
-
-
-def _text_widths(shapes: Mapping[str, Sequence[int]], architecture: str) -> list[int]:
-    keys = {
-        "sd1": [SD1_CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"],
-        "sd2": [SD2_OPENCLIP_PREFIX + "token_embedding.weight"],
-        "sdxl": [
-            SDXL_CLIP_L_PREFIX + "text_model.embeddings.token_embedding.weight",
-            SDXL_CLIP_G_PREFIX + "token_embedding.weight",
-        ],
-    }[architecture]
-    return [shapes[key][1] if key in shapes else -1 for key in keys]
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _comparable(shape: Sequence[int]) -> tuple[int, ...]:
-    """A shape with 1x1 kernel dimensions dropped: LDM stores some linear layers as 1x1 convolutions (SD1's
-    transformer projections, the VAE's attention) and the converters reshape them either way."""
-    shape = tuple(shape)
-    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
-
-
-@cache
-def _expected_shapes(folder: str) -> dict[str, tuple[int, ...]]:
-    """The original-layout key -> shape of the UNet and VAE the config folder describes (built on the meta
-    device: no memory, a fraction of a second)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    path = Path(folder)
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(_load_json(path / "unet" / "config.json"))
-        vae = AutoencoderKL.from_config(_load_json(path / "vae" / "config.json"))
-    shapes = {UNET_PREFIX + unet_key(name, unet.config): tuple(t.shape) for name, t in unet.state_dict().items()}
-    shapes.update({VAE_PREFIX + vae_key(name, vae.config): tuple(t.shape) for name, t in vae.state_dict().items()})
-    return shapes
-
-
-def first_shape_difference(shapes: Mapping[str, Sequence[int]], folder: Path) -> str | None:
-    """The first UNet or VAE weight whose shape (or presence) differs between the checkpoint and the config
-    folder, in words; None when every one matches. Only parts the checkpoint carries are compared."""
-    expected = _expected_shapes(str(folder))
-    for prefix, part in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE")):
-        # A VAE saved from training may carry its discriminator (`loss.`); nothing builds it.
-        stored = {k: shape for k, shape in shapes.items() if k.startswith(prefix) and not k.startswith(LOSS_PREFIX)}
-        if not stored:
-            continue
-        wanted = {key: shape for key, shape in expected.items() if key.startswith(prefix)}
-        # A differing shape says more than a missing key (which follows from it), so it is named first.
-        for key in sorted(wanted.keys() & stored.keys()):
-            if _comparable(stored[key]) != _comparable(wanted[key]):
-                return f"{key} is {tuple(stored[key])} in the checkpoint, {tuple(wanted[key])} in the config"
-        if missing := sorted(wanted.keys() - stored.keys()):
-            return f"the checkpoint has no {missing[0]} (one of {len(missing)} {part} weights of the config it lacks)"
-        if extra := sorted(stored.keys() - wanted.keys()):
-            return f"the checkpoint has {extra[0]} (one of {len(extra)} {part} weights the config does not have)"
-    return None
-
-
-def check_fits(shapes: Mapping[str, Sequence[int]], architecture: str, folder: Path, source: str | Path) -> None:
-    """A clear error when the checkpoint's sizes do not match the config folder it would be built from.
-
-    Every UNet and VAE weight is compared (a model can share SD's widths and differ in channel multipliers or
-    block counts); the text encoders by width.
-    """
-    try:
-        index = _load_json(folder / "model_index.json")
-        unet = _load_json(folder / "unet" / "config.json")
-        encoders = ["text_encoder", "text_encoder_2"] if architecture == "sdxl" else ["text_encoder"]
-        widths = [_load_json(folder / name / "config.json")["hidden_size"] for name in encoders]
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelLoadError(f"{folder}: not a usable diffusers config folder for {source}: {error}") from None
-    problems = []
-    if ("XL" in index.get("_class_name", "")) != (architecture == "sdxl"):
-        problems.append(f"the checkpoint is {architecture}, the config is a {index.get('_class_name')}")
-    conv_in = shapes.get(CONV_IN_KEY, (None,))[0]
-    if conv_in != unet["block_out_channels"][0]:
-        problems.append(f"UNet width {conv_in} vs {unet['block_out_channels'][0]}")
-    context = next(
-        (
-            shape[1]
-            for key, shape in shapes.items()
-            if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight")
-        ),
-        None,
-    )
-    if context is not None and context != unet["cross_attention_dim"]:
-        problems.append(f"cross-attention width {context} vs {unet['cross_attention_dim']}")
-    found = _text_widths(shapes, architecture)
-    if found != widths:
-        problems.append(f"text encoder width {found} vs {widths}")
-    if not problems:
-        try:
-            difference = first_shape_difference(shapes, folder)
-        except (OSError, ValueError, KeyError) as error:
-            raise ModelLoadError(f"{folder}: not a usable diffusers config folder for {source}: {error}") from None
-        if difference:
-            problems.append(difference)
-    if problems:
-        error = ModelLoadError(
-            f"{source} does not fit the model config {folder}: {'; '.join(problems)}",
-            cli_hint="put its .yaml config beside it, or pass a matching diffusers config folder with --config",
-        )
-        error.fits_no_config, error.problems = True, problems
-        raise error
-
-
-# --------------------------------------------------------------------------------------------------
 # Prediction type
 
 
@@ -549,7 +171,7 @@ def prediction_type_from_checkpoint(keys: Collection[str], metadata: Mapping[str
 
 
 def is_real_size_sd2(shapes: Mapping[str, Sequence[int]]) -> bool:
-    return shapes.get(CONV_IN_KEY, (0,))[0] == 320 and _text_widths(shapes, "sd2") == [1024]
+    return shapes.get(CONV_IN_KEY, (0,))[0] == 320 and text_widths(shapes, "sd2") == [1024]
 
 
 def predicts_v(unet) -> bool:
@@ -603,7 +225,7 @@ def _checkpoint_supplied(state_dict: dict[str, torch.Tensor]):
             module.load_single_file_checkpoint = original
 
 
-def _tokenizers(architecture: str) -> dict[str, Any]:
+def clip_tokenizers(architecture: str) -> dict[str, Any]:
     from .vocab import clip_tokenizer
 
     if architecture == "sdxl":
@@ -622,7 +244,7 @@ def _load_unet(state_dict, folder: Path, dtype: torch.dtype):
 def _build_pipeline(path: Path, state_dict, architecture: str, folder: Path, dtype: torch.dtype, unet=None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    components: dict[str, Any] = _tokenizers(architecture)
+    components: dict[str, Any] = clip_tokenizers(architecture)
     if architecture == "sdxl":
         pipeline_class = StableDiffusionXLPipeline
     else:

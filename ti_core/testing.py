@@ -18,7 +18,7 @@ ARCHITECTURES = ("sd1", "sd2", "sdxl")
 TINY_WIDTHS = {"sd1": {"clip_l": 32}, "sd2": {"clip_h": 48}, "sdxl": {"clip_l": 32, "clip_g": 40}}
 
 
-def _text_config(hidden_size: int, layers: int = 2, projection_dim: int | None = None, act: str = "quick_gelu"):
+def text_config(hidden_size: int, layers: int = 2, projection_dim: int | None = None, act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
     # Special-token ids as in the real SD configs (eos_token_id=2 selects the legacy argmax pooling).
@@ -94,8 +94,8 @@ def build_tiny_pipeline(architecture: str = "sd1", prediction_type: str = "epsil
             cross_attention_dim=width_l + width_g,
             norm_num_groups=32,
         )
-        text_encoder = CLIPTextModel(_text_config(width_l))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(width_g, projection_dim=32, act="gelu"))
+        text_encoder = CLIPTextModel(text_config(width_l))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(width_g, projection_dim=32, act="gelu"))
         return StableDiffusionXLPipeline(
             vae=_tiny_vae(),
             text_encoder=text_encoder,
@@ -119,7 +119,7 @@ def build_tiny_pipeline(architecture: str = "sd1", prediction_type: str = "epsil
         use_linear_projection=sd2,
         norm_num_groups=32,
     )
-    text_encoder = CLIPTextModel(_text_config(width, act="gelu" if sd2 else "quick_gelu"))
+    text_encoder = CLIPTextModel(text_config(width, act="gelu" if sd2 else "quick_gelu"))
     return StableDiffusionPipeline(
         vae=_tiny_vae(),
         text_encoder=text_encoder,
@@ -155,7 +155,7 @@ def tiny_ldm_state_dict(pipeline, architecture: str) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-class _FakeModelCheckpoint:
+class FakeModelCheckpoint:
     """Looks like pytorch_lightning's ModelCheckpoint callback to pickle (see _LightningModules)."""
 
     def __init__(self):
@@ -179,7 +179,7 @@ class _LightningModules:
         modules = [types.ModuleType(name) for name in self.NAMES]
         modules[0].callbacks = modules[1]
         modules[1].model_checkpoint = modules[2]
-        cls = type("ModelCheckpoint", (_FakeModelCheckpoint,), {"__module__": self.NAMES[2]})
+        cls = type("ModelCheckpoint", (FakeModelCheckpoint,), {"__module__": self.NAMES[2]})
         modules[2].ModelCheckpoint = cls
         sys.modules.update(zip(self.NAMES, modules, strict=True))
         return cls

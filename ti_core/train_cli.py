@@ -26,82 +26,16 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError, add_model_arguments, load_model_from_args
-from .config import GRAD_CLIP, MIXED_PRECISION, TrainConfig
-from .data import BUILTIN_TEMPLATES, LATENT_SAMPLING, DataConfig
+from . import config as config_module
+from .command_line import UsageError, add_model_arguments, load_model_from_args, run_command, top_parser
+from .config import TrainConfig, declared
+from .settings import Setting
+from .timodel import TIModel
 
 # MKL sums in an order that depends on memory alignment unless told otherwise, and Adam amplifies the
 # last-bit differences, so the same seed would not give the same embedding twice on the CPU. It must be
 # set before MKL's first call; importing torch makes none.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-
-FLAG = {"action": argparse.BooleanOptionalAction}
-# (flags, setting, argparse options). "data." settings belong to DataConfig. Every default is None, so
-# only the flags actually given override --config and the defaults.
-OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
-    (("--embeddings-dir",), "embeddings_dir", {"help": "folder of the embedding file"}),
-    (("--name",), "name", {"help": "the embedding's name: its file stem and prompt token"}),
-    (
-        ("--images",),
-        "data.images",
-        {"help": "folder of training images (captions: .txt beside them, or the file name)"},
-    ),
-    (("--log-dir",), "log_dir", {"help": "snapshots, previews, loss.csv and settings.json go to LOG_DIR/NAME"}),
-    (("--init-text",), "init_text", {"help": "text whose tokens start a new embedding's vectors"}),
-    (("--vectors",), "vectors", {"type": int, "help": "vectors per token of a new embedding, 1 to 75"}),
-    (("--resume",), "resume", FLAG | {"help": "continue training the existing embedding (and its optimizer state)"}),
-    (("--overwrite",), "overwrite", FLAG | {"help": "replace an existing embedding with a new one"}),
-    (("--steps",), "steps", {"type": int, "help": "the step to train to"}),
-    (("--learning-rate",), "learning_rate", {"help": 'rate or schedule, e.g. "0.005:100, 1e-3:1000, 1e-5"'}),
-    (("--warmup-steps", "--warmup"), "warmup_steps", {"type": int, "help": "linear warmup steps"}),
-    (("--batch-size",), "batch_size", {"type": int}),
-    (("--gradient-accumulation",), "gradient_accumulation", {"type": int, "help": "batches per optimizer step"}),
-    (("--grad-clip",), "grad_clip", {"choices": GRAD_CLIP, "help": "clip gradients by value or by norm"}),
-    (("--grad-clip-value",), "grad_clip_value", {"type": float}),
-    (
-        ("--norm-control",),
-        "norm_control",
-        {"type": float, "help": "cap vector norms at this x the vocabulary's median (0 = off)"},
-    ),
-    (("--min-snr-gamma",), "min_snr_gamma", {"type": float, "help": "min-SNR loss weighting (0 = off; 5 is usual)"}),
-    (("--noise-offset",), "noise_offset", {"type": float}),
-    (("--timestep-min",), "timestep_min", {"type": int}),
-    (("--timestep-max",), "timestep_max", {"type": int, "help": "exclusive"}),
-    (("--seed",), "seed", {"type": int}),
-    (("--mixed-precision",), "mixed_precision", {"choices": MIXED_PRECISION}),
-    (("--gradient-checkpointing",), "gradient_checkpointing", FLAG | {"help": "less memory, about 50%% more compute"}),
-    (
-        ("--compile",),
-        "compile",
-        FLAG | {"help": "torch.compile the UNet and text encoders: faster steps after a one-off compile of minutes"},
-    ),
-    (("--cache-latents",), "cache_latents", FLAG | {"help": "keep VAE latents on disk in the log folder"}),
-    (("--save-every",), "save_every", {"type": int, "help": "snapshot every N steps (0 = never)"}),
-    (("--preview-every",), "preview_every", {"type": int, "help": "preview image every N steps (0 = never)"}),
-    (("--validation-every",), "validation_every", {"type": int, "help": "validation loss every N steps (0 = never)"}),
-    (("--validation-samples",), "validation_samples", {"type": int}),
-    (("--preview-prompt",), "preview_prompt", {"help": "default: a template line with the first image's caption"}),
-    (("--preview-negative-prompt",), "preview_negative_prompt", {}),
-    (("--preview-seed",), "preview_seed", {"type": int}),
-    (("--preview-steps",), "preview_steps", {"type": int}),
-    (("--preview-guidance",), "preview_guidance", {"type": float}),
-    (("--save-optimizer-state",), "save_optimizer_state", FLAG),
-    (
-        ("--resolution",),
-        "data.resolution",
-        {"type": int, "help": "training size in pixels, a multiple of 8 (default: the model's own)"},
-    ),
-    (("--recursive",), "data.recursive", FLAG | {"help": "also read images in subfolders"}),
-    (("--buckets",), "data.buckets", FLAG | {"help": "aspect-ratio buckets instead of square crops"}),
-    (("--flip",), "data.flip", FLAG | {"help": "mirror images at random"}),
-    (("--template",), "data.template", {"help": f"prompt template: {', '.join(BUILTIN_TEMPLATES)} or a file"}),
-    (("--shuffle-tags",), "data.shuffle_tags", FLAG),
-    (("--tag-dropout",), "data.tag_dropout", {"type": float, "help": "probability of leaving out each caption tag"}),
-    (("--repeats",), "data.repeats", {"type": int, "help": "times each image appears per epoch"}),
-    (("--latent-sampling",), "data.latent_sampling", {"choices": LATENT_SAMPLING}),
-    (("--alpha-weight",), "data.alpha_weight", FLAG | {"help": "weight the loss by the images' alpha channel"}),
-]
-REQUIRED = ("name", "embeddings_dir", "data.images")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -113,14 +47,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: the GPU if there is one)")
     parser.add_argument("--config", type=Path, help="JSON settings (a run's settings.json); flags override them")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    for flags, setting, options in OPTIONS:
-        default = None if setting == "data.resolution" else _default(setting)  # the model's: known once loaded
-        help_text = options.get("help", "")
-        if default not in (None, ""):
-            help_text = f"{help_text} (default: {default})".lstrip()
-        if "action" not in options and "choices" not in options:
-            options = {**options, "metavar": flags[0][2:].upper().replace("-", "_")}
-        parser.add_argument(*flags, dest=_dest(setting), default=None, **{**options, "help": help_text})
+    for item in declared():
+        parser.add_argument(*item.cli_flags, dest=_dest(item.key), default=None, **_argparse_options(item))
     parser.set_defaults(run=run_train)
     return parser
 
@@ -129,17 +57,34 @@ def _dest(setting: str) -> str:
     return setting.replace(".", "_")
 
 
-def _default(setting: str) -> Any:
-    owner, name = (DataConfig, setting[5:]) if setting.startswith("data.") else (TrainConfig, setting)
-    default = next(field.default for field in dataclasses.fields(owner) if field.name == name)
-    return None if default is dataclasses.MISSING else default
+_TYPES = {"int": int, "float": float}
+
+
+def _argparse_options(item: Setting) -> dict[str, Any]:
+    """The argparse keywords of a declared setting. Every default is None, so only the flags actually given
+    override --config and the defaults; the help shows the setting's own default."""
+    options: dict[str, Any] = {}
+    if item.kind == "bool":
+        options["action"] = argparse.BooleanOptionalAction
+    elif item.choices:
+        options["choices"] = item.choices
+    else:
+        options["metavar"] = item.cli_flags[0][2:].upper().replace("-", "_")
+    if item.kind in _TYPES:
+        options["type"] = _TYPES[item.kind]
+    default = None if item.key == "data.resolution" or item.required else item.default  # resolution: the model's
+    help_text = item.help
+    if default not in (None, ""):
+        help_text = f"{help_text} (default: {default})".lstrip()
+    return {**options, "help": help_text}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from --config and the flags given; UsageError (exit 2) for anything invalid."""
     values: dict[str, Any] = _read_settings(args.config) if args.config else {}
     data = dict(values.pop("data", None) or {})
-    for _, setting, _ in OPTIONS:
+    items = declared()
+    for setting in (item.key for item in items):
         value = getattr(args, _dest(setting))
         if value is None:
             continue
@@ -151,12 +96,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             values[setting] = value
     given = {**values, **{f"data.{key}": value for key, value in data.items()}}
     args.resolution_from_model = "data.resolution" not in given
-    for setting in REQUIRED:
-        if setting not in given:
-            flag = next(flags[0] for flags, name, _ in OPTIONS if name == setting)
-            raise UsageError(f"{flag} is required (or give {setting!r} in --config)")
+    for item in items:
+        if item.required and item.key not in given:
+            raise UsageError(f"{item.cli_flags[0]} is required (or give {item.key!r} in --config)")
     try:
-        return TrainConfig.from_dict({**values, "data": data})
+        return config_module.TrainConfig.from_dict({**values, "data": data})
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -202,22 +146,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 def check_before_loading(config: TrainConfig) -> None:
     """The images folder and the embedding's state: ValueError/FileExistsError (one line, naming the flags)."""
-    from .formats import load_embedding
-    from .names import embedding_path
-    from .train import AlreadyTrained, resume_source
+    from .train import AlreadyTrained, StepsReached, check_trainable
 
     if not config.data.images.is_dir():
         raise ValueError(f"--images {config.data.images} is not a folder")
-    path = embedding_path(config.embeddings_dir, config.name)
-    if config.resume:
-        source = resume_source(config)
-        step = load_embedding(source).step
-        if step >= config.steps:
-            raise ValueError(f"{source} is already trained to step {step}; give --steps above {step} to resume it")
-    elif not config.overwrite and path.is_file():
-        step = load_embedding(path).step
-        if step > 0:
-            raise AlreadyTrained(path, step, "add --resume", "--overwrite")
+    try:
+        check_trainable(config)
+    except AlreadyTrained as error:
+        raise AlreadyTrained(error.path, error.step, "add --resume", "--overwrite") from None
+    except StepsReached as error:
+        raise StepsReached(error.path, error.step, "give --steps above {step} to resume it") from None
 
 
 def _accelerator():
@@ -243,7 +181,7 @@ def _device(args: argparse.Namespace, accelerator):
     return torch.device("cpu")
 
 
-def _place(model, device, mixed_precision: str) -> None:
+def _place(model: TIModel, device, mixed_precision: str) -> None:
     """Move the model to the device; on a GPU with mixed precision, cast the frozen UNet and text encoders
     first, so the full-precision weights never have to fit in GPU memory. The VAE stays float32 (SDXL's
     overflows in fp16)."""
@@ -374,9 +312,13 @@ def _is_terminal(stream) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m ti_core.train_cli ARGS` = `python -m ti_core train ARGS` (what `accelerate launch -m` runs)."""
-    from .cli import main as cli_main
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    def build_parser() -> argparse.ArgumentParser:
+        parser, commands = top_parser()
+        add_train_parser(commands)
+        return parser
+
+    return run_command(build_parser, ["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

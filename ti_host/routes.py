@@ -57,10 +57,9 @@ def create(backend, body: Any) -> dict[str, Any]:
     ``warnings`` lists what would make the name fail silently in some UI (ti_core.names.name_warnings); the
     embedding is created all the same.
     """
-    from ti_core.create import create_embedding
+    from ti_core.create import create_embedding_file
     from ti_core.embedding import MAX_VECTORS
-    from ti_core.formats import save_embedding
-    from ti_core.names import embedding_path, name_warnings
+    from ti_core.names import name_warnings
 
     body = _object(body)
     unknown = sorted(set(body) - CREATE_FIELDS)
@@ -74,13 +73,10 @@ def create(backend, body: Any) -> dict[str, Any]:
     overwrite = _field(body, "overwrite", bool, False)
     if not 1 <= vectors <= MAX_VECTORS:
         raise BadRequest(f"vectors must be between 1 and {MAX_VECTORS}, not {vectors}")
-    folder = Path(backend.embeddings_dir)
-    target = embedding_path(folder, name)
-    if target.exists() and not overwrite:  # in the route's words, not the command line's
-        raise BadRequest(f"{target.name} already exists in {folder}: set overwrite to replace it")
-    embedding = create_embedding(backend.current_model(), name, init_text, vectors)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = save_embedding(embedding, folder, overwrite=overwrite)
+    embedding, path = create_embedding_file(
+        backend.current_model, Path(backend.embeddings_dir), name, init_text, vectors,
+        overwrite=overwrite, overwrite_hint="set overwrite to replace it",  # in the route's words
+    )  # fmt: skip
     backend.reload_embeddings()
     return {
         "path": str(path),
@@ -114,6 +110,7 @@ def train_config(backend, body: Any):
 def train(backend, body: Any) -> dict[str, Any]:
     """POST /train {TrainConfig fields} -> {started: true, name}; the run goes on in the background."""
     from ti_core.names import embedding_path
+    from ti_core.train import AlreadyTrained, check_trainable
 
     config = train_config(backend, body)
     # What would only fail on the training thread is answered here, so the client gets a 400 at once.
@@ -122,6 +119,10 @@ def train(backend, body: Any) -> dict[str, Any]:
     existing = embedding_path(config.embeddings_dir, config.name)
     if existing.exists() and not (config.resume or config.overwrite):
         raise BadRequest(f"{existing.name} exists: set resume to continue training it, or overwrite to start again")
+    try:
+        check_trainable(config)  # a resume past its steps, or with nothing to resume
+    except AlreadyTrained as error:
+        raise BadRequest(str(AlreadyTrained(error.path, error.step, "set resume", "set overwrite"))) from None
     backend.start_training(config)
     return {"started": True, "name": config.name}
 

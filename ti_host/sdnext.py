@@ -81,7 +81,7 @@ def unshareable_reason(pipeline: Any) -> str | None:
 def _noise_scheduler(pipeline: Any, architecture: str):
     from diffusers import PNDMScheduler
 
-    from ti_core.single_file import skeleton_for
+    from ti_core.checkpoints import skeleton_for
 
     theirs = dict(getattr(getattr(pipeline, "scheduler", None), "config", {}) or {})
     prediction_type = theirs.get("prediction_type")
@@ -99,10 +99,10 @@ def _noise_scheduler(pipeline: Any, architecture: str):
 def model_over_pipeline(pipeline: Any, path: Path):
     """A TIModel over SD.Next's pipeline modules (shares_weights: nothing copied), with clean tokenizers."""
     from ti_core.models import TextEncoder, TIModel, architecture_of
-    from ti_core.single_file import _tokenizers
+    from ti_core.single_file import clip_tokenizers
 
     architecture = architecture_of(pipeline)
-    tokenizers = _tokenizers(architecture)
+    tokenizers = clip_tokenizers(architecture)
     if architecture == "sdxl":
         encoders = [
             TextEncoder("clip_l", tokenizers["tokenizer"], pipeline.text_encoder),

@@ -5,12 +5,13 @@ returns theirs (HTML from `render`, `gr.update(...)` for changes). Errors become
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gradio as gr
 
+from ti_core.config import declared
 from ti_core.jobs import TrainingJob, current_job
 from ti_core.names import plural
 
@@ -18,15 +19,19 @@ from .backend import Backend
 from .plot import loss_frame
 from .render import (
     PROMPT_TOKENS,
-    _error,
-    _status,
     card_info,
     cards_html,
     embedding_names,
+    error_html,
     init_text_info,
     inspect_html,
     progress_html,
+    status_html,
 )
+
+if TYPE_CHECKING:
+    from ti_core.timodel import TIModel
+    from ti_core.train.events import TrainEvent
 
 
 def _tokenizer(backend: Backend):
@@ -38,14 +43,14 @@ def _tokenizer(backend: Backend):
     return clip_tokenizer()
 
 
-def _init_info(backend: Backend, text: str, vectors: float) -> str:
+def init_info_html(backend: Backend, text: str, vectors: float) -> str:
     try:
-        return _status(init_text_info(_tokenizer(backend), text or "", int(vectors)))
+        return status_html(init_text_info(_tokenizer(backend), text or "", int(vectors)))
     except (ValueError, OSError) as error:  # no CLIP vocabulary installed: say so instead of failing
-        return _error(error)
+        return error_html(error)
 
 
-def _dropdown_names(backend: Backend, selected: str | None = None):
+def dropdown_names(backend: Backend, selected: str | None = None):
     names = embedding_names(backend.embeddings_dir)
     value = selected if selected in names else default_embedding(backend, names)
     return gr.update(choices=names, value=value)
@@ -71,26 +76,21 @@ def default_embedding(backend: Backend, names: Sequence[str]) -> str | None:
 
 def create_action(backend: Backend, name: str, init_text: str, vectors: float, overwrite: bool):
     """Create button: write the embedding file, tell the host, select it in the Train tab."""
-    from ti_core.create import create_embedding
-    from ti_core.embedding import check_vector_count
-    from ti_core.formats import refuse_name_clash, save_embedding
-    from ti_core.names import embedding_path
+    from ti_core.create import create_embedding_file
 
     try:
-        vectors = check_vector_count(_whole(vectors))  # a typed 0 or 76 is refused, not clamped
-        target = embedding_path(backend.embeddings_dir, name)
-        if target.exists() and not overwrite:
-            raise ValueError(f"{target.name} already exists in {target.parent}; tick Overwrite to replace it")
-        refuse_name_clash(Path(backend.embeddings_dir), name, target)
-        embedding = create_embedding(backend.current_model(), name, init_text, vectors)
-        path = save_embedding(embedding, backend.embeddings_dir, overwrite=overwrite)
+        vectors = _whole(vectors)  # a typed 0 or 76 is refused, not clamped
+        embedding, path = create_embedding_file(
+            backend.current_model, backend.embeddings_dir, name, init_text, vectors,
+            overwrite=overwrite, overwrite_hint="tick Overwrite to replace it",
+        )  # fmt: skip
     except (ValueError, OSError) as error:
-        return _error(error), gr.update()
+        return error_html(error), gr.update()
     backend.reload_embeddings()
     text = (
         f"Created {embedding.name} ({plural(vectors, 'vector')}, {PROMPT_TOKENS - vectors} prompt tokens left): {path}"
     )
-    return _status(text, "ok") + name_warning_action(name), _dropdown_names(backend, embedding.name)
+    return status_html(text, "ok") + name_warning_action(name), dropdown_names(backend, embedding.name)
 
 
 def _whole(value: Any) -> Any:
@@ -107,8 +107,8 @@ def name_warning_action(name: str) -> str:
         try:
             validate_name(name)
         except ValueError as error:
-            return _error(error)
-    return "".join(_status(f"warning: {warning}", "warning") for warning in name_warnings((name or "").strip()))
+            return error_html(error)
+    return "".join(status_html(f"warning: {warning}", "warning") for warning in name_warnings((name or "").strip()))
 
 
 def export_action(backend: Backend, name: str | None, to: str, folder: str, overwrite: bool) -> str:
@@ -118,7 +118,7 @@ def export_action(backend: Backend, name: str | None, to: str, folder: str, over
     from ti_core.formats import diffusers_loading_code, export_embedding
 
     if not name:
-        return _status("Pick an embedding to export (press Refresh if the list is empty).")
+        return status_html("Pick an embedding to export (press Refresh if the list is empty).")
     path = _embedding_file(backend, name)
     if path is None:
         return _missing(backend, name)
@@ -126,8 +126,8 @@ def export_action(backend: Backend, name: str | None, to: str, folder: str, over
     try:
         written = export_embedding(path, to, out_dir, overwrite=bool(overwrite))
     except (ValueError, OSError) as error:
-        return _error(error)
-    text = _status(f"Exported {name} as {to}: {', '.join(str(path) for path in written)}", "ok")
+        return error_html(error)
+    text = status_html(f"Exported {name} as {to}: {', '.join(str(path) for path in written)}", "ok")
     if to == "diffusers":
         code = diffusers_loading_code(written)
         text += f'<pre class="ti-export-code">{html.escape(code)}</pre>'
@@ -142,38 +142,28 @@ def default_export_dir(backend: Backend, to: str | None = None) -> Path:
     return per_format(Path(backend.log_dir), to) if to else Path(backend.log_dir) / "exports"
 
 
-# Train tab field -> TrainConfig key ("data.x" for DataConfig). The handler receives the components' values
-# in this order, so adding a setting is one line here plus its component.
-TRAIN_FIELDS = (
-    "data.images",
-    "data.recursive",
-    "data.template",
-    "learning_rate",
-    "batch_size",
-    "gradient_accumulation",
-    "steps",
-    "data.resolution",
-    "data.buckets",
-    "data.flip",
-    "data.shuffle_tags",
-    "data.tag_dropout",
-    "data.latent_sampling",
-    "mixed_precision",
-    "gradient_checkpointing",
-    "save_every",
-    "preview_every",
-    "preview_prompt",
-    "preview_seed",
-    "preview_steps",
-    "warmup_steps",
-    "grad_clip",
-    "grad_clip_value",
-    "seed",
-)
+# The settings the Train tab shows, by TrainConfig key ("data.x" for DataConfig), in declaration order
+# (ti_core.settings): `train_settings` takes the tab's values by key, or in this order.
+TRAIN_FIELDS = tuple(item.key for item in declared() if item.elem_id)
+
+
+class PollUpdate(NamedTuple):
+    """What one tick of the progress poller updates, by name (the tab wires each to its component)."""
+
+    progress: Any
+    plot: Any
+    previews: Any
+    status: Any
+    result: Any
+    train: Any
+    resume: Any
+    interrupt: Any
+    seen: dict
 
 
 def train_settings(values: Sequence[Any], *, name: str, backend: Backend, resume: bool) -> dict[str, Any]:
-    """The TrainConfig dict for the Train tab's values (the same dict the CLI and settings.json use)."""
+    """The TrainConfig dict for the Train tab's values (the same dict the CLI and settings.json use): one
+    mapping of setting key to value, or the values in TRAIN_FIELDS order."""
     settings: dict[str, Any] = {
         "name": name or "",
         "embeddings_dir": str(backend.embeddings_dir),
@@ -181,7 +171,11 @@ def train_settings(values: Sequence[Any], *, name: str, backend: Backend, resume
         "resume": resume,
         "data": {},
     }
-    for key, value in zip(TRAIN_FIELDS, values, strict=True):
+    if len(values) == 1 and isinstance(values[0], Mapping):
+        pairs = list(values[0].items())
+    else:
+        pairs = list(zip(TRAIN_FIELDS, values, strict=True))
+    for key, value in pairs:
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # gradio 3 sliders and numbers give 8.0 for 8
         if isinstance(value, str) and key != "preview_prompt":
@@ -198,27 +192,20 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
     from ti_core.config import TrainConfig
 
     if not name:
-        return _status("Pick an embedding to train (create one in the Create tab first).", "error")
+        return status_html("Pick an embedding to train (create one in the Create tab first).", "error")
     try:
-        trained_to = _trained_step(backend, name)
-        if trained_to and not resume:
-            raise ValueError(
-                f"{name} is already trained to step {trained_to}: press Resume to continue it (with more steps), "
-                "or create a new embedding to start again"
-            )
+        _require_file(backend, name)
+        settings = train_settings(values, name=name, backend=backend, resume=resume)
+        _check_trainable(TrainConfig.from_dict(settings), name)
         # An untrained embedding (step 0, as Create wrote it) is "resumed" from its initial vectors: train()
         # only re-creates an embedding from the init text when told to overwrite it.
-        config = TrainConfig.from_dict(train_settings(values, name=name, backend=backend, resume=True))
-        if trained_to >= config.steps:
-            raise ValueError(
-                f"{name} is already trained to step {trained_to}: set Steps above {trained_to} to continue it"
-            )
+        config = TrainConfig.from_dict({**settings, "resume": True})
         _check_images(config)  # before the model loads, and before anything is written
         TrainingJob.start(backend.current_model, config, _host_observer(backend), context=backend.training_context)
-    except (ValueError, RuntimeError) as error:
-        return _error(error)
+    except (ValueError, OSError, RuntimeError) as error:
+        return error_html(error)
     verb = "Resuming" if resume else "Training"
-    return _status(f"{verb} {config.name} to step {config.steps}…")
+    return status_html(f"{verb} {config.name} to step {config.steps}…")
 
 
 def _check_images(config) -> None:
@@ -230,10 +217,10 @@ def _check_images(config) -> None:
         raise ValueError(f"no training images in {config.data.images}")
 
 
-def _host_observer(backend: Backend) -> Callable[[Any], None]:
+def _host_observer(backend: Backend) -> Callable[[TrainEvent], None]:
     """On every training event: mirror the progress into the host, and honour the host's Interrupt button."""
 
-    def on_event(_event) -> None:
+    def on_event(_event: TrainEvent) -> None:
         job = current_job()  # the job this event belongs to: one runs at a time
         if job is None:
             return
@@ -244,23 +231,38 @@ def _host_observer(backend: Backend) -> Callable[[Any], None]:
     return on_event
 
 
-def _trained_step(backend: Backend, name: str) -> int:
-    """The step an existing embedding file was trained to (0 for a new one); ValueError if it is missing."""
-    from ti_core.formats import load_embedding
+def _require_file(backend: Backend, name: str) -> None:
+    """The Train tab trains embeddings that exist (made in the Create tab): ValueError if it is missing."""
     from ti_core.names import embedding_path
 
     path = embedding_path(backend.embeddings_dir, name)
     if not path.is_file():
         raise ValueError(f"{path} does not exist: create the embedding in the Create tab first (or press Refresh)")
-    return load_embedding(path).step
+
+
+def _check_trainable(config, name: str) -> None:
+    """ti_core's check whether the run can start, its advice in the Train tab's words."""
+    from ti_core.train import AlreadyTrained, StepsReached, check_trainable
+
+    try:
+        check_trainable(config)
+    except AlreadyTrained as error:
+        raise ValueError(
+            f"{name} is already trained to step {error.step}: press Resume to continue it (with more steps), "
+            "or create a new embedding to start again"
+        ) from None
+    except StepsReached as error:
+        raise ValueError(
+            f"{name} is already trained to step {error.step}: set Steps above {error.step} to continue it"
+        ) from None
 
 
 def interrupt_training() -> str:
     job = current_job()
     if job is None or not job.running:
-        return _status("No training run is in progress.")
+        return status_html("No training run is in progress.")
     job.cancel()
-    return _status("Interrupting: the run stops after this step and saves the embedding.")
+    return status_html("Interrupting: the run stops after this step and saves the embedding.")
 
 
 def poll_training(seen: dict | None):
@@ -275,20 +277,20 @@ def poll_training(seen: dict | None):
     snapshot = job.snapshot() if job is not None else None
     version = snapshot["version"] if snapshot else 0
     if version == seen.get("version"):
-        return (gr.update(),) * 8 + (seen,)
+        return PollUpdate(*(gr.update(),) * 8, seen)
     fresh_page = "version" not in seen
     seen["version"] = version
     if snapshot is None:
-        return (
-            progress_html(None),
-            gr.update(),
-            gr.update(),
-            gr.update(),
-            gr.update(),
-            gr.update(interactive=True),
-            gr.update(interactive=True),
-            gr.update(interactive=False),
-            seen,
+        return PollUpdate(
+            progress=progress_html(None),
+            plot=gr.update(),
+            previews=gr.update(),
+            status=gr.update(),
+            result=gr.update(),
+            train=gr.update(interactive=True),
+            resume=gr.update(interactive=True),
+            interrupt=gr.update(interactive=False),
+            seen=seen,
         )
     running = snapshot["running"]
     never_started = snapshot.get("start_step") is None and not snapshot["losses"]
@@ -311,21 +313,21 @@ def poll_training(seen: dict | None):
     if not running:
         stopped = snapshot.get("stopped")
         kind = {"done": "ok", "interrupted": "warning"}.get(stopped, "error" if snapshot.get("error") else "info")
-        status = _status(snapshot.get("message") or "", kind)
+        status = status_html(snapshot.get("message") or "", kind)
     if never_started and not running:
         progress = progress_html(None) if fresh_page else gr.update()
     else:
         progress = progress_html(snapshot)
-    return (
-        progress,
-        plot,
-        gallery,
-        status,
-        gr.update() if keep_last_run else snapshot.get("final_path") or "",
-        gr.update(interactive=not running),
-        gr.update(interactive=not running),
-        gr.update(interactive=running),
-        seen,
+    return PollUpdate(
+        progress=progress,
+        plot=plot,
+        previews=gallery,
+        status=status,
+        result=gr.update() if keep_last_run else snapshot.get("final_path") or "",
+        train=gr.update(interactive=not running),
+        resume=gr.update(interactive=not running),
+        interrupt=gr.update(interactive=running),
+        seen=seen,
     )
 
 
@@ -394,7 +396,7 @@ def scan_action(folder: str, recursive: bool, resolution: float, buckets: bool):
 
     hidden = gr.update(value=[], visible=False)
     if not (folder or "").strip():
-        return _status("Enter the folder of training images."), hidden
+        return status_html("Enter the folder of training images."), hidden
     try:
         result = scan_images(
             DataConfig(
@@ -405,7 +407,7 @@ def scan_action(folder: str, recursive: bool, resolution: float, buckets: bool):
             )
         )
     except (ValueError, OSError) as error:
-        return _error(error), hidden
+        return error_html(error), hidden
     thumbs = []
     for item in result.items[:32]:
         try:
@@ -425,7 +427,7 @@ def scan_action(folder: str, recursive: bool, resolution: float, buckets: bool):
         if len(result.skipped) > 10:
             lines[-1] += f"; and {len(result.skipped) - 10} more"
     kind = "warning" if result.skipped else "ok"
-    return "".join(_status(line, kind) for line in lines), gr.update(value=thumbs, visible=True)
+    return "".join(status_html(line, kind) for line in lines), gr.update(value=thumbs, visible=True)
 
 
 def library_action(backend: Backend):
@@ -442,7 +444,7 @@ def library_action(backend: Backend):
 def page_load_action(backend: Backend):
     """Every page load: the Train picker, then the Embeddings cards and inspect picker, as the folder is now.
     Without it a (re)loaded page shows what the folder held when the UI was built, until Refresh."""
-    return (_dropdown_names(backend), *library_action(backend))
+    return (dropdown_names(backend), *library_action(backend))
 
 
 def _embedding_file(backend: Backend, name: str) -> Path | None:
@@ -453,19 +455,19 @@ def _embedding_file(backend: Backend, name: str) -> Path | None:
 
 
 def _missing(backend: Backend, name: str) -> str:
-    return _status(f"No embedding named {name} in {backend.embeddings_dir}; press Refresh.", "error")
+    return status_html(f"No embedding named {name} in {backend.embeddings_dir}; press Refresh.", "error")
 
 
 def inspect_action(backend: Backend, name: str | None) -> str:
     if not name:
-        return _status("Pick an embedding to inspect.")
+        return status_html("Pick an embedding to inspect.")
     path = _embedding_file(backend, name)
     if path is None:
         return _missing(backend, name)
     try:
         return inspect_html(path, backend.loaded_model())
     except ValueError as error:
-        return _error(error)
+        return error_html(error)
 
 
 # ------------------------------------------------------------------------------------------------- try it
@@ -473,7 +475,7 @@ def inspect_action(backend: Backend, name: str | None) -> str:
 _fitting_cache: dict[str, tuple[tuple, Any]] = {}
 
 
-def fitting_embeddings(embeddings_dir: Path, model) -> list:
+def fitting_embeddings(embeddings_dir: Path, model: TIModel) -> list:
     """Every embedding in the folder that fits the model (others are skipped, as the web UIs skip them).
     Files are read again only when they change."""
     from ti_core.formats import list_embeddings
@@ -506,7 +508,7 @@ def _fitting(path: Path, widths: dict[str, int]):
 
 
 def render_image(
-    model,
+    model: TIModel,
     prompt: str,
     negative: str,
     embeddings: Sequence,
@@ -521,32 +523,17 @@ def render_image(
     the tokenizer, so the files on disk stay the only source of embeddings)."""
     import torch
 
-    from ti_core.prompt import encode_prompts
+    from ti_core.preview import render_image as render
 
-    pipeline = model.pipeline()
     if torch.cuda.is_available():
-        pipeline.to("cuda")
-    pipeline.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        condition = encode_prompts(model, [prompt, negative], embeddings)  # one batch: same window count
-        extra = {}
-        if condition.pooled is not None:
-            extra = {
-                "pooled_prompt_embeds": condition.pooled[:1],
-                "negative_pooled_prompt_embeds": condition.pooled[1:],
-            }
-        result = pipeline(
-            prompt_embeds=condition.hidden_states[:1],
-            negative_prompt_embeds=condition.hidden_states[1:],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            width=width,
-            height=height,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="pil",
-            **extra,
-        )
-    return result.images[0]
+        model.unet.to("cuda")  # as the pipeline's .to("cuda") did: the model stays there for the next image
+        model.vae.to("cuda")
+        for encoder in model.encoders:
+            encoder.model.to("cuda")
+    return render(
+        model, prompt, negative, embeddings, seed=seed, steps=steps, width=width, height=height,
+        guidance=guidance, generator_device="cpu",
+    )  # fmt: skip
 
 
 def try_action(
@@ -561,7 +548,7 @@ def try_action(
 ):
     job = current_job()
     if job is not None and job.running:
-        return None, _status("Training is running on this model; generate after it finishes.", "error")
+        return None, status_html("Training is running on this model; generate after it finishes.", "error")
     try:
         model = backend.current_model()
         embeddings = fitting_embeddings(backend.embeddings_dir, model)
@@ -577,7 +564,7 @@ def try_action(
             guidance=float(guidance),
         )
     except (ValueError, RuntimeError, OSError) as error:
-        return None, _error(error)
+        return None, error_html(error)
     used = [e.name for e in embeddings if re.search(rf"(?<![\w-]){re.escape(e.name)}(?![\w-])", prompt or "", re.I)]
     note = f" with {', '.join(used)}" if used else ""
-    return image, _status(f"{model.name}: seed {int(seed)}, {int(steps)} steps{note}", "ok")
+    return image, status_html(f"{model.name}: seed {int(seed)}, {int(steps)} steps{note}", "ok")

@@ -10,12 +10,12 @@ import gradio as gr
 
 from .actions import library_action, page_load_action
 from .backend import Backend
-from .compat import GRADIO_MAJOR, _js, _make
-from .render import _status
-from .tabs.create import _create_tab
-from .tabs.embeddings import _embeddings_tab
-from .tabs.model import _model_row
-from .tabs.train import _train_tab
+from .compat import GRADIO_MAJOR, js_kwargs, make_component
+from .render import status_html
+from .tabs.create import create_tab
+from .tabs.embeddings import embeddings_tab
+from .tabs.model import model_row
+from .tabs.train import train_tab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,22 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def create_ui(backend: Backend):
     """The whole tab as a gr.Blocks: Create, Train, Embeddings (with Try it in the standalone app)."""
     with gr.Blocks(**_blocks_kwargs(backend)) as demo:
-        with _make(gr.Column, elem_id="ti_root", elem_classes=["ti-root"]):
+        with make_component(gr.Column, elem_id="ti_root", elem_classes=["ti-root"]):
             problem = backend.problem()
             if problem:
-                _make(gr.HTML, value=_status(problem, "error"), elem_id="ti_problem")
+                make_component(gr.HTML, value=status_html(problem, "error"), elem_id="ti_problem")
             if backend.has_model_picker:
-                _model_row(backend)
+                model_row(backend)
             with gr.Tabs(elem_id="ti_tabs"):
-                with _make(gr.Tab, label="Create", elem_id="ti_create_tab"):
-                    wire_create = _create_tab(backend)
-                with _make(gr.Tab, label="Train", elem_id="ti_train_tab"):
-                    train_embedding = _train_tab(demo, backend)
-                with _make(gr.Tab, label="Embeddings", elem_id="ti_embeddings_tab") as library_tab:
-                    cards, inspect_name = _embeddings_tab(backend)
+                with make_component(gr.Tab, label="Create", elem_id="ti_create_tab"):
+                    wire_create = create_tab(backend)
+                with make_component(gr.Tab, label="Train", elem_id="ti_train_tab"):
+                    train_embedding = train_tab(demo, backend)
+                with make_component(gr.Tab, label="Embeddings", elem_id="ti_embeddings_tab") as library_tab:
+                    cards, inspect_name = embeddings_tab(backend)
         wire_create(train_embedding)
         if backend.inject_assets:
-            demo.load(None, None, None, **_js(_client_script()))
+            demo.load(None, None, None, **js_kwargs(client_script()))
         # The pickers and cards are filled on every page load (a component's value is otherwise the one it had
         # when the UI was built), and the cards again when their tab is opened, to show files written since.
         # Each file's card is cached until the file changes, so a big folder is read once, not per load.
@@ -52,11 +52,11 @@ def create_ui(backend: Backend):
     return demo
 
 
-def _css_goes_to_launch() -> bool:
+def css_goes_to_launch() -> bool:
     return "css" in inspect.signature(gr.Blocks.launch).parameters  # gradio 6 moved css from Blocks to launch
 
 
-def _page_assets() -> dict[str, Any]:
+def page_assets() -> dict[str, Any]:
     """The standalone page's css and theme. Before gradio 5 the default theme loads its fonts from Google;
     a local app has no business calling out, so those versions get the system fonts."""
     assets: dict[str, Any] = {"css": (ROOT / "style.css").read_text(encoding="utf-8")}
@@ -69,11 +69,11 @@ def _page_assets() -> dict[str, Any]:
 
 def _blocks_kwargs(backend: Backend) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"analytics_enabled": False, "title": "Textual Inversion"}
-    if backend.inject_assets and not _css_goes_to_launch():
-        kwargs.update(_page_assets())
+    if backend.inject_assets and not css_goes_to_launch():
+        kwargs.update(page_assets())
     return kwargs
 
 
-def _client_script() -> str:
+def client_script() -> str:
     """javascript/ti.js as a page-load function: the same file the hosts inject into <head>."""
     return "() => {\n" + (ROOT / "javascript" / "ti.js").read_text(encoding="utf-8") + "\n}"

@@ -1,7 +1,7 @@
 """What differs between gradio 3.41, 3.43, 4.40 and the newest, and the component helpers built on it.
 
-Components are built from constructor arguments only (`_make` drops those a version lacks); the few
-version-specific keywords go through `_supported` and `_js`; `_poll` is the one periodic update, for all.
+Components are built from constructor arguments only (`make_component` drops those a version lacks); the few
+version-specific keywords go through `supported_kwargs` and `js_kwargs`; `poll_every_second` is the one periodic update, for all.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import gradio as gr
 GRADIO_MAJOR = int(re.match(r"\d+", gr.__version__).group())
 
 
-def _supported(factory: Callable, **kwargs: Any) -> dict[str, Any]:
+def supported_kwargs(factory: Callable, **kwargs: Any) -> dict[str, Any]:
     """The keyword arguments `factory` names in its signature (drops those this gradio lacks)."""
     parameters = inspect.signature(factory).parameters
     return {key: value for key, value in kwargs.items() if key in parameters}
 
 
-def _make(cls, **kwargs: Any):
+def make_component(cls, **kwargs: Any):
     """A component built with only the arguments this gradio version knows."""
-    return cls(**_supported(cls.__init__, **kwargs))
+    return cls(**supported_kwargs(cls.__init__, **kwargs))
 
 
-def _js(code: str) -> dict[str, str]:
-    """The keyword for a client-side function: `_js` on gradio 3, `js` from 4 on."""
+def js_kwargs(code: str) -> dict[str, str]:
+    """The keyword for a client-side function: `js_kwargs` on gradio 3, `js` from 4 on."""
     return {"_js": code} if GRADIO_MAJOR < 4 else {"js": code}
 
 
@@ -40,7 +40,7 @@ _HIDDEN: bool | str = (
 )
 
 
-def _poll(fn: Callable, inputs: list, outputs: list, elem_id: str) -> None:
+def poll_every_second(fn: Callable, inputs: list, outputs: list, elem_id: str) -> None:
     """Run `fn` about once a second while the page is open. On gradio 3 (A1111, reForge, SD.Next): whenever
     the hidden button `elem_id` is clicked, which javascript/ti.js does while the button's tab is shown (or a
     run is going), one click at a time; on gradio 4.40 and newer, gr.Timer.
@@ -56,11 +56,11 @@ def _poll(fn: Callable, inputs: list, outputs: list, elem_id: str) -> None:
         timer = gr.Timer(1.0)
         timer.tick(fn, inputs, outputs, show_progress="hidden")
         return
-    button = _make(gr.Button, value="Update", visible=_HIDDEN, elem_id=elem_id, elem_classes=["ti-poll"])
+    button = make_component(gr.Button, value="Update", visible=_HIDDEN, elem_id=elem_id, elem_classes=["ti-poll"])
     event = button.click(fn, inputs, outputs, show_progress="hidden", queue=False)
     done = f"() => {{ document.dispatchEvent(new CustomEvent({POLL_DONE_EVENT!r}, {{detail: {elem_id!r}}})); }}"
-    event.then(None, None, None, queue=False, **_js(done))
+    event.then(None, None, None, queue=False, **js_kwargs(done))
 
 
-def _refresh_button(elem_id: str):
-    return _make(gr.Button, value="Refresh", elem_id=elem_id, size="sm", scale=0, min_width=100)
+def refresh_button(elem_id: str):
+    return make_component(gr.Button, value="Refresh", elem_id=elem_id, size="sm", scale=0, min_width=100)

@@ -13,18 +13,22 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ti_core.timodel import TIModel
 
 PROMPT_TOKENS = 75  # tokens in one prompt window; an embedding's vectors use that many of them
 
 
-def _status(text: str, kind: str = "info") -> str:
+def status_html(text: str, kind: str = "info") -> str:
     """One status line as HTML (plain text would turn underscores in paths into emphasis in Markdown)."""
     return f'<div class="ti-status ti-status-{kind}">{html.escape(text)}</div>' if text else ""
 
 
-def _error(error: BaseException) -> str:
+def error_html(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
-    return _status(lines[0] if lines else type(error).__name__, "error")
+    return status_html(lines[0] if lines else type(error).__name__, "error")
 
 
 def budget_text(vectors: int) -> str:
@@ -249,7 +253,7 @@ def embedding_names(embeddings_dir: Path) -> list[str]:
     return sorted({path.stem for path in list_embeddings(embeddings_dir)}, key=str.lower)
 
 
-def inspect_html(path: Path, model) -> str:
+def inspect_html(path: Path, model: TIModel) -> str:
     """Norms per vector and, with a model, the nearest vocabulary tokens, as an HTML table."""
     from ti_core.formats import load_embedding
     from ti_core.inspect import nearest_tokens

@@ -9,10 +9,10 @@ import gradio as gr
 
 from ti_core.embedding import MAX_VECTORS
 
-from ..actions import _init_info, create_action, name_warning_action
+from ..actions import create_action, init_info_html, name_warning_action
 from ..backend import Backend
-from ..compat import _make
-from ..render import _status, budget_text
+from ..compat import make_component
+from ..render import budget_text, status_html
 
 CREATE_HELP = """
 **How it works.** An embedding is a new word for the text encoder: its *name* is the token you type in a
@@ -25,15 +25,17 @@ prompt, and it stands for *N vectors* learned from your images in the Train tab.
 """
 
 
-def _create_tab(backend: Backend) -> Callable[[Any], None]:
+def create_tab(backend: Backend) -> Callable[[Any], None]:
     """The Create tab; returns a function that wires the Create button once the Train picker exists."""
     with gr.Row():
         with gr.Column():
-            name = _make(gr.Textbox, label="Name (the token you type in prompts)", elem_id="ti_create_name")
-            name_warning = _make(gr.HTML, value="", elem_id="ti_create_name_warning")
-            init_text = _make(gr.Textbox, label="Initialization text", value="*", elem_id="ti_create_init_text")
-            init_info = _make(gr.HTML, value=_init_info(backend, "*", 1), elem_id="ti_create_init_info")
-            vectors = _make(
+            name = make_component(gr.Textbox, label="Name (the token you type in prompts)", elem_id="ti_create_name")
+            name_warning = make_component(gr.HTML, value="", elem_id="ti_create_name_warning")
+            init_text = make_component(
+                gr.Textbox, label="Initialization text", value="*", elem_id="ti_create_init_text"
+            )
+            init_info = make_component(gr.HTML, value=init_info_html(backend, "*", 1), elem_id="ti_create_init_info")
+            vectors = make_component(
                 gr.Slider,
                 minimum=1,
                 maximum=MAX_VECTORS,
@@ -42,25 +44,25 @@ def _create_tab(backend: Backend) -> Callable[[Any], None]:
                 label="Vectors per token",
                 elem_id="ti_create_vectors",
             )
-            budget = _make(gr.HTML, value=_status(budget_text(1)), elem_id="ti_create_budget")
-            overwrite = _make(
+            budget = make_component(gr.HTML, value=status_html(budget_text(1)), elem_id="ti_create_budget")
+            overwrite = make_component(
                 gr.Checkbox,
                 label="Overwrite an existing embedding of that name",
                 value=False,
                 elem_id="ti_create_overwrite",
             )
-            button = _make(gr.Button, value="Create embedding", variant="primary", elem_id="ti_create_button")
-            status = _make(gr.HTML, value="", elem_id="ti_create_status")
-        with _make(gr.Column, scale=0, min_width=320):
-            _make(gr.Markdown, value=CREATE_HELP, elem_id="ti_create_help")
+            button = make_component(gr.Button, value="Create embedding", variant="primary", elem_id="ti_create_button")
+            status = make_component(gr.HTML, value="", elem_id="ti_create_status")
+        with make_component(gr.Column, scale=0, min_width=320):
+            make_component(gr.Markdown, value=CREATE_HELP, elem_id="ti_create_help")
 
     def info(text: str, count: float) -> str:
-        return _init_info(backend, text, count)
+        return init_info_html(backend, text, count)
 
     name.change(name_warning_action, name, name_warning, show_progress="hidden")
     init_text.change(info, [init_text, vectors], init_info, show_progress="hidden")
     vectors.change(info, [init_text, vectors], init_info, show_progress="hidden")
-    vectors.change(lambda count: _status(budget_text(count)), vectors, budget, show_progress="hidden")
+    vectors.change(lambda count: status_html(budget_text(count)), vectors, budget, show_progress="hidden")
 
     def wire(train_embedding) -> None:
         button.click(

@@ -8,40 +8,40 @@ from ti_core.formats import EXPORT_FORMATS
 
 from ..actions import default_export_dir, export_action, inspect_action, library_action, try_action
 from ..backend import Backend
-from ..compat import _make, _refresh_button
-from ..render import _status, cards_html
+from ..compat import make_component, refresh_button
+from ..render import cards_html, status_html
 
 
 def _try_panel(backend: Backend) -> None:
-    with _make(gr.Group, elem_id="ti_try"), gr.Row():
-        with _make(gr.Column, scale=3):
-            prompt = _make(
+    with make_component(gr.Group, elem_id="ti_try"), gr.Row():
+        with make_component(gr.Column, scale=3):
+            prompt = make_component(
                 gr.Textbox,
                 label="Try it: prompt (click a card below to add its token)",
                 lines=2,
                 elem_id="ti_try_prompt",
             )
-            negative = _make(gr.Textbox, label="Negative prompt", lines=1, elem_id="ti_try_negative")
+            negative = make_component(gr.Textbox, label="Negative prompt", lines=1, elem_id="ti_try_negative")
             with gr.Row():
-                seed = _make(gr.Number, value=0, precision=0, label="Seed", elem_id="ti_try_seed")
-                steps = _make(
+                seed = make_component(gr.Number, value=0, precision=0, label="Seed", elem_id="ti_try_seed")
+                steps = make_component(
                     gr.Slider, minimum=1, maximum=100, step=1, value=20, label="Steps", elem_id="ti_try_steps"
                 )
-                guidance = _make(
+                guidance = make_component(
                     gr.Slider, minimum=0, maximum=20, step=0.5, value=7, label="CFG scale", elem_id="ti_try_guidance"
                 )
             size = backend.default_resolution()  # the model's own: 512 on the 64-pixel demo model takes minutes
             with gr.Row():
-                width = _make(
+                width = make_component(
                     gr.Slider, minimum=64, maximum=2048, step=8, value=size, label="Width", elem_id="ti_try_width"
                 )
-                height = _make(
+                height = make_component(
                     gr.Slider, minimum=64, maximum=2048, step=8, value=size, label="Height", elem_id="ti_try_height"
                 )
-            button = _make(gr.Button, value="Generate", variant="primary", elem_id="ti_try_button")
-            status = _make(gr.HTML, value="", elem_id="ti_try_status")
-        with _make(gr.Column, scale=2):
-            image = _make(gr.Image, label="Result", type="pil", interactive=False, elem_id="ti_try_image")
+            button = make_component(gr.Button, value="Generate", variant="primary", elem_id="ti_try_button")
+            status = make_component(gr.HTML, value="", elem_id="ti_try_status")
+        with make_component(gr.Column, scale=2):
+            image = make_component(gr.Image, label="Result", type="pil", interactive=False, elem_id="ti_try_image")
     button.click(
         lambda *args: try_action(backend, *args),
         [prompt, negative, seed, steps, width, height, guidance],
@@ -49,20 +49,20 @@ def _try_panel(backend: Backend) -> None:
     )
 
 
-def _embeddings_tab(backend: Backend):
+def embeddings_tab(backend: Backend):
     if backend.has_try_it:
         _try_panel(backend)
     with gr.Row():
-        refresh = _refresh_button("ti_embeddings_refresh")
-        _make(gr.HTML, value=_status(f"Folder: {backend.embeddings_dir}"), elem_id="ti_embeddings_folder")
-    cards = _make(gr.HTML, value=cards_html([], ""), elem_id="ti_embeddings_list")
-    with _make(gr.Accordion, label="Inspect and export", open=False, elem_id="ti_inspect"):
+        refresh = refresh_button("ti_embeddings_refresh")
+        make_component(gr.HTML, value=status_html(f"Folder: {backend.embeddings_dir}"), elem_id="ti_embeddings_folder")
+    cards = make_component(gr.HTML, value=cards_html([], ""), elem_id="ti_embeddings_list")
+    with make_component(gr.Accordion, label="Inspect and export", open=False, elem_id="ti_inspect"):
         with gr.Row():
-            name = _make(gr.Dropdown, choices=[], label="Embedding", elem_id="ti_inspect_name", scale=4)
-            button = _make(gr.Button, value="Inspect", elem_id="ti_inspect_button", scale=0, min_width=100)
-        output = _make(gr.HTML, value="", elem_id="ti_inspect_output")
+            name = make_component(gr.Dropdown, choices=[], label="Embedding", elem_id="ti_inspect_name", scale=4)
+            button = make_component(gr.Button, value="Inspect", elem_id="ti_inspect_button", scale=0, min_width=100)
+        output = make_component(gr.HTML, value="", elem_id="ti_inspect_output")
         with gr.Row():
-            export_format = _make(
+            export_format = make_component(
                 gr.Dropdown,
                 choices=list(EXPORT_FORMATS),
                 value="diffusers",
@@ -71,7 +71,7 @@ def _embeddings_tab(backend: Backend):
                 elem_id="ti_export_format",
                 scale=1,
             )
-            export_dir = _make(
+            export_dir = make_component(
                 gr.Textbox,
                 label="Export folder",
                 value="",
@@ -79,11 +79,11 @@ def _embeddings_tab(backend: Backend):
                 elem_id="ti_export_dir",
                 scale=3,
             )
-            export_overwrite = _make(
+            export_overwrite = make_component(
                 gr.Checkbox, label="Overwrite", value=False, elem_id="ti_export_overwrite", scale=0
             )
-            export = _make(gr.Button, value="Export", elem_id="ti_export_button", scale=0, min_width=100)
-        export_status = _make(gr.HTML, value="", elem_id="ti_export_status")
+            export = make_component(gr.Button, value="Export", elem_id="ti_export_button", scale=0, min_width=100)
+        export_status = make_component(gr.HTML, value="", elem_id="ti_export_status")
     export.click(
         lambda *args: export_action(backend, *args),
         [name, export_format, export_dir, export_overwrite],

@@ -5,23 +5,23 @@ from __future__ import annotations
 import gradio as gr
 
 from ..backend import StandaloneBackend
-from ..compat import _make, _refresh_button
-from ..render import _status
+from ..compat import make_component, refresh_button
+from ..render import status_html
 
 
 def model_status_action(backend: StandaloneBackend, label: str | None) -> str:
     """The status under the picker: the model chosen, or why a typed one cannot be (the last one stays)."""
     try:
-        return _status(backend.select_model(label))
+        return status_html(backend.select_model(label))
     except ValueError as error:
         still = f" (still using {backend.selected})" if backend.selected else ""
-        return _status(f"{str(error).splitlines()[0]}{still}", "error")
+        return status_html(f"{str(error).splitlines()[0]}{still}", "error")
 
 
-def _model_row(backend: StandaloneBackend) -> None:
+def model_row(backend: StandaloneBackend) -> None:
     with gr.Row():
         choices = backend.model_choices(rescan=False)  # the start-up scan is a moment old
-        picker = _make(
+        picker = make_component(
             gr.Dropdown,
             choices=choices,
             value=backend.selected,
@@ -30,10 +30,10 @@ def _model_row(backend: StandaloneBackend) -> None:
             scale=4,
             allow_custom_value=True,
         )
-        refresh = _refresh_button("ti_model_refresh")
-    status = _make(
+        refresh = refresh_button("ti_model_refresh")
+    status = make_component(
         gr.HTML,
-        value=_status(backend.status_text(), "info" if backend.selected else "error"),
+        value=status_html(backend.status_text(), "info" if backend.selected else "error"),
         elem_id="ti_model_status",
     )
 

@@ -1,17 +1,20 @@
-"""The Train tab: the settings column (fields in `TRAIN_FIELDS` order), Train/Interrupt/Resume and the
+"""The Train tab: the settings column (made from the declared settings, ti_core.settings), Train/Interrupt/Resume and the
 progress, loss plot and previews, which a poller keeps up to date."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from ..actions import _dropdown_names, interrupt_training, poll_training, scan_action, start_training
+from ti_core.config import declared, setting_named
+from ti_core.settings import Setting
+
+from ..actions import PollUpdate, dropdown_names, interrupt_training, poll_training, scan_action, start_training
 from ..backend import Backend
-from ..compat import _make, _poll, _refresh_button
+from ..compat import make_component, poll_every_second, refresh_button
 from ..plot import CURVES
 from ..render import embedding_names, progress_html
 
@@ -21,35 +24,104 @@ def _precision_default(backend: Backend) -> str:
     return choice if choice in ("no", "fp16", "bf16") else "no"
 
 
-def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
-    """The settings column; returns the embedding picker, the components in TRAIN_FIELDS order, and the
-    scan inputs."""
-    from ti_core.data import BUILTIN_TEMPLATES, LATENT_SAMPLING
+# How the declared settings that have a Train tab field (ti_core.settings: those with an elem_id) are laid
+# out, row by row; a declared field not placed here gets a row of its own (in Advanced when it is advanced).
+ROWS = (
+    ("data.template", "learning_rate"),
+    ("batch_size", "gradient_accumulation", "steps"),
+    ("data.resolution", "data.buckets", "data.flip"),
+    ("data.shuffle_tags", "data.tag_dropout", "data.latent_sampling"),
+    ("mixed_precision", "gradient_checkpointing"),
+    ("save_every", "preview_every", "preview_steps"),
+    ("preview_prompt", "preview_seed"),
+)
+ADVANCED_ROWS = (("warmup_steps", "grad_clip", "grad_clip_value", "seed"),)
+DATASET_ROW = ("data.images", "data.recursive")  # beside the dataset's Preview button
 
-    names = embedding_names(backend.embeddings_dir)
+
+def tab_settings() -> list[Setting]:
+    """The declared settings the Train tab shows, in declaration order."""
+    return [item for item in declared() if item.elem_id]
+
+
+def _component_options(item: Setting) -> tuple[type, dict[str, Any]]:
+    """The gradio component of a declared setting and its keywords, from its type, range and choices."""
+    label = item.label or item.help or item.name.replace("_", " ").capitalize()
+    value = None if item.required else item.default
+    options: dict[str, Any] = {"label": label, "elem_id": item.elem_id}
+    if item.kind == "bool":
+        return gr.Checkbox, {**options, "value": value}
+    if item.choices:
+        return gr.Dropdown, {**options, "choices": list(item.choices), "value": value}
+    if item.kind in ("int", "float") and item.step is not None:
+        return gr.Slider, {
+            **options,
+            "minimum": item.minimum,
+            "maximum": item.maximum,
+            "step": item.step,
+            "value": value,
+        }
+    if item.kind in ("int", "float"):
+        number = {**options, "value": value, "precision": 0 if item.kind == "int" else None}
+        if item.minimum is not None and item.kind == "int":
+            number["minimum"] = item.minimum
+        return gr.Number, number
+    return gr.Textbox, {**options, "value": value or ""}
+
+
+def _tab_overrides(backend: Backend) -> dict[str, tuple[type | None, dict[str, Any]]]:
+    """What the Train tab shows differently from the declaration: the web UI's own defaults and pickers."""
+    from ti_core.data import BUILTIN_TEMPLATES
+
+    templates = list(BUILTIN_TEMPLATES)
+    if backend.templates_dir and Path(backend.templates_dir).is_dir():
+        templates += [str(path) for path in sorted(Path(backend.templates_dir).glob("*.txt"))]
+    return {
+        "data.images": (None, {"placeholder": "folder of images (+ optional .txt captions)", "scale": 4}),
+        "data.recursive": (None, {"scale": 1}),
+        "data.template": (gr.Dropdown, {"choices": templates, "allow_custom_value": True}),
+        "data.resolution": (None, {"value": backend.default_resolution()}),
+        "mixed_precision": (None, {"value": _precision_default(backend)}),
+        "grad_clip": (gr.Radio, {}),
+        "preview_prompt": (None, {"scale": 3}),
+    }
+
+
+def _setting_component(item: Setting, overrides: dict[str, tuple[type | None, dict[str, Any]]]):
+    cls, options = _component_options(item)
+    other, extra = overrides.get(item.key, (None, {}))
+    return make_component(other or cls, **{**options, **extra})
+
+
+def _setting_rows(backend: Backend, rows, advanced_rows) -> dict[str, Any]:
+    """The setting fields (but the dataset row's), by setting key, in their rows and the Advanced accordion."""
+    overrides = _tab_overrides(backend)
+    shown = {item.key: item for item in tab_settings()}
+    placed = {key for row in (*rows, *advanced_rows, DATASET_ROW) for key in row}
+    extra = [key for key in shown if key not in placed]
+    basic = [*rows, *((key,) for key in extra if not shown[key].advanced)]
+    advanced = [*advanced_rows, *((key,) for key in extra if shown[key].advanced)]
+    fields: dict[str, Any] = {}
+    for row in basic:
+        with gr.Row():
+            fields.update((key, _setting_component(shown[key], overrides)) for key in row if key in shown)
+    with make_component(gr.Accordion, label="Advanced", open=False, elem_id="ti_train_advanced"):
+        for row in advanced:
+            with gr.Row():
+                fields.update((key, _setting_component(shown[key], overrides)) for key in row if key in shown)
+    return fields
+
+
+def _dataset_rows(backend: Backend) -> tuple[dict[str, Any], Any, Any, Any]:
+    """The dataset folder and Subfolders fields with the Preview button, the scan's summary and thumbnails."""
+    overrides = _tab_overrides(backend)
     with gr.Row():
-        embedding = _make(
-            gr.Dropdown,
-            choices=names,
-            value=names[0] if names else None,
-            label="Embedding",
-            elem_id="ti_train_embedding",
-            scale=4,
+        fields = {key: _setting_component(setting_named(key), overrides) for key in DATASET_ROW}
+        scan = make_component(
+            gr.Button, value="Preview", size="sm", elem_id="ti_train_dataset_scan", scale=0, min_width=90
         )
-        refresh = _refresh_button("ti_train_refresh")
-    refresh.click(lambda current: _dropdown_names(backend, current), embedding, embedding)
-    with gr.Row():
-        images = _make(
-            gr.Textbox,
-            label="Dataset folder",
-            placeholder="folder of images (+ optional .txt captions)",
-            elem_id="ti_train_dataset",
-            scale=4,
-        )
-        recursive = _make(gr.Checkbox, label="Subfolders", value=False, elem_id="ti_train_recursive", scale=1)
-        scan = _make(gr.Button, value="Preview", size="sm", elem_id="ti_train_dataset_scan", scale=0, min_width=90)
-    dataset_info = _make(gr.HTML, value="", elem_id="ti_train_dataset_info")
-    dataset_preview = _make(
+    dataset_info = make_component(gr.HTML, value="", elem_id="ti_train_dataset_info")
+    dataset_preview = make_component(
         gr.Gallery,
         label="Dataset",
         show_label=False,
@@ -60,175 +132,68 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
         visible=False,
         elem_id="ti_train_dataset_preview",
     )
-    templates = list(BUILTIN_TEMPLATES)
-    if backend.templates_dir and Path(backend.templates_dir).is_dir():
-        templates += [str(path) for path in sorted(Path(backend.templates_dir).glob("*.txt"))]
+    return fields, scan, dataset_info, dataset_preview
+
+
+def _train_settings_column(backend: Backend) -> tuple[Any, dict[str, Any], list]:
+    """The settings column; returns the embedding picker, the setting fields by setting key, and the scan
+    inputs."""
+    names = embedding_names(backend.embeddings_dir)
     with gr.Row():
-        template = _make(
+        embedding = make_component(
             gr.Dropdown,
-            choices=templates,
-            value="subject_filewords",
-            label="Prompt template",
-            allow_custom_value=True,
-            elem_id="ti_train_template",
+            choices=names,
+            value=names[0] if names else None,
+            label="Embedding",
+            elem_id="ti_train_embedding",
+            scale=4,
         )
-        learning_rate = _make(
-            gr.Textbox,
-            value="0.005",
-            label="Learning rate (schedule: 0.005:100, 1e-3:1000, 1e-5)",
-            elem_id="ti_train_learning_rate",
-        )
-    with gr.Row():
-        batch = _make(gr.Number, value=1, precision=0, label="Batch size", elem_id="ti_train_batch", minimum=1)
-        accumulation = _make(
-            gr.Number, value=1, precision=0, label="Gradient accumulation", elem_id="ti_train_accumulation", minimum=1
-        )
-        steps = _make(gr.Number, value=2000, precision=0, label="Steps", elem_id="ti_train_steps", minimum=1)
-    with gr.Row():
-        resolution = _make(
-            gr.Slider,
-            minimum=32,
-            maximum=2048,
-            step=8,
-            value=backend.default_resolution(),
-            label="Resolution",
-            elem_id="ti_train_resolution",
-        )
-        buckets = _make(gr.Checkbox, label="Aspect-ratio buckets", value=False, elem_id="ti_train_buckets")
-        flip = _make(gr.Checkbox, label="Random horizontal flip", value=False, elem_id="ti_train_flip")
-    with gr.Row():
-        shuffle = _make(gr.Checkbox, label="Shuffle tags", value=False, elem_id="ti_train_shuffle_tags")
-        dropout = _make(
-            gr.Slider, minimum=0, maximum=1, step=0.05, value=0, label="Tag dropout", elem_id="ti_train_tag_dropout"
-        )
-        sampling = _make(
-            gr.Dropdown,
-            choices=list(LATENT_SAMPLING),
-            value="once",
-            label="Latent sampling",
-            elem_id="ti_train_latent_sampling",
-        )
-    with gr.Row():
-        precision = _make(
-            gr.Dropdown,
-            choices=["no", "fp16", "bf16"],
-            value=_precision_default(backend),
-            label="Mixed precision",
-            elem_id="ti_train_precision",
-        )
-        checkpointing = _make(
-            gr.Checkbox,
-            label="Gradient checkpointing (less memory, slower)",
-            value=False,
-            elem_id="ti_train_gradient_checkpointing",
-        )
-    with gr.Row():
-        save_every = _make(
-            gr.Number,
-            value=500,
-            precision=0,
-            label="Save a copy every N steps (0: never)",
-            elem_id="ti_train_save_every",
-            minimum=0,
-        )
-        preview_every = _make(
-            gr.Number,
-            value=500,
-            precision=0,
-            label="Preview every N steps (0: never)",
-            elem_id="ti_train_preview_every",
-            minimum=0,
-        )
-        preview_steps = _make(
-            gr.Number,
-            value=20,
-            precision=0,
-            label="Preview sampling steps",
-            elem_id="ti_train_preview_steps",
-            minimum=1,
-        )
-    with gr.Row():
-        preview_prompt = _make(
-            gr.Textbox,
-            label="Preview prompt (empty: a template line with a caption)",
-            elem_id="ti_train_preview_prompt",
-            scale=3,
-        )
-        preview_seed = _make(gr.Number, value=0, precision=0, label="Preview seed", elem_id="ti_train_preview_seed")
-    with _make(gr.Accordion, label="Advanced", open=False, elem_id="ti_train_advanced"), gr.Row():
-        warmup = _make(gr.Number, value=0, precision=0, label="Warm-up steps", elem_id="ti_train_warmup", minimum=0)
-        clip = _make(
-            gr.Radio,
-            choices=["disabled", "value", "norm"],
-            value="disabled",
-            label="Gradient clipping",
-            elem_id="ti_train_grad_clip",
-        )
-        clip_value = _make(gr.Number, value=0.1, label="Clip at", elem_id="ti_train_grad_clip_value")
-        seed = _make(gr.Number, value=0, precision=0, label="Seed", elem_id="ti_train_seed")
-    fields = [
-        images,
-        recursive,
-        template,
-        learning_rate,
-        batch,
-        accumulation,
-        steps,
-        resolution,
-        buckets,
-        flip,
-        shuffle,
-        dropout,
-        sampling,
-        precision,
-        checkpointing,
-        save_every,
-        preview_every,
-        preview_prompt,
-        preview_seed,
-        preview_steps,
-        warmup,
-        clip,
-        clip_value,
-        seed,
-    ]
-    scan_inputs = [images, recursive, resolution, buckets]
+        refresh = refresh_button("ti_train_refresh")
+    refresh.click(lambda current: dropdown_names(backend, current), embedding, embedding)
+    fields, scan, dataset_info, dataset_preview = _dataset_rows(backend)
+    fields.update(_setting_rows(backend, ROWS, ADVANCED_ROWS))
+    scan_inputs = [fields[key] for key in ("data.images", "data.recursive", "data.resolution", "data.buckets")]
+    images, recursive = fields["data.images"], fields["data.recursive"]
     for trigger in (scan.click, images.submit, recursive.change):
         trigger(scan_action, scan_inputs, [dataset_info, dataset_preview])
     return embedding, fields, scan_inputs
 
 
-def _train_tab(demo, backend: Backend):
+def train_tab(demo, backend: Backend):
     with gr.Row():
-        with _make(gr.Column, scale=5, elem_id="ti_train_settings"):
+        with make_component(gr.Column, scale=5, elem_id="ti_train_settings"):
             embedding, fields, _ = _train_settings_column(backend)
-        with _make(gr.Column, scale=4, elem_id="ti_train_results"):
+        with make_component(gr.Column, scale=4, elem_id="ti_train_results"):
             with gr.Row():
-                train = _make(gr.Button, value="Train", variant="primary", elem_id="ti_train_button")
-                interrupt = _make(gr.Button, value="Interrupt", interactive=False, elem_id="ti_train_interrupt")
-                resume = _make(gr.Button, value="Resume", elem_id="ti_train_resume")
-            status = _make(gr.HTML, value="", elem_id="ti_train_status")
-            progress = _make(gr.HTML, value=progress_html(None), elem_id="ti_train_progress")
+                train = make_component(gr.Button, value="Train", variant="primary", elem_id="ti_train_button")
+                interrupt = make_component(
+                    gr.Button, value="Interrupt", interactive=False, elem_id="ti_train_interrupt"
+                )
+                resume = make_component(gr.Button, value="Resume", elem_id="ti_train_resume")
+            status = make_component(gr.HTML, value="", elem_id="ti_train_status")
+            progress = make_component(gr.HTML, value=progress_html(None), elem_id="ti_train_progress")
             plot = _loss_plot()
-            previews = _make(
+            previews = make_component(
                 gr.Gallery, label="Previews", columns=4, height=260, object_fit="contain", elem_id="ti_train_previews"
             )
-            result = _make(gr.Textbox, label="Embedding file", interactive=False, elem_id="ti_train_result")
-    inputs = [embedding, *fields]
-    train.click(lambda *values: _start_from_values(backend, False, values), inputs, status)
-    resume.click(lambda *values: _start_from_values(backend, True, values), inputs, status)
+            result = make_component(gr.Textbox, label="Embedding file", interactive=False, elem_id="ti_train_result")
+    inputs = [embedding, *fields.values()]
+    train.click(_starter(backend, False, list(fields)), inputs, status)
+    resume.click(_starter(backend, True, list(fields)), inputs, status)
     interrupt.click(interrupt_training, None, status)
     seen = gr.State({})
-    outputs = [progress, plot, previews, status, result, train, resume, interrupt, seen]
-    _poll(poll_training, [seen], outputs, elem_id="ti_train_poll")
+    by_name = {"progress": progress, "plot": plot, "previews": previews, "status": status, "result": result}
+    by_name.update(train=train, resume=resume, interrupt=interrupt, seen=seen)
+    outputs = [by_name[name] for name in PollUpdate._fields]
+    poll_every_second(_poll_values, [seen], outputs, elem_id="ti_train_poll")
     return embedding
 
 
 def _loss_plot():
-    """gradio's line plot of `loss_frame` rows. The keywords of every version are given and `_make` keeps
+    """gradio's line plot of `loss_frame` rows. The keywords of every version are given and `make_component` keeps
     those this one knows: gradio 3 draws at a fixed width (it cannot fill its column) with the legend
     below, the newest fills the column."""
-    return _make(
+    return make_component(
         gr.LinePlot,
         value=None,
         x="step",
@@ -250,5 +215,15 @@ def _loss_plot():
     )
 
 
-def _start_from_values(backend: Backend, resume: bool, values: Sequence[Any]) -> str:
-    return start_training(backend, resume, values[0], *values[1:])
+def _starter(backend: Backend, resume: bool, keys: list[str]) -> Callable[..., str]:
+    """The Train/Resume handler: the embedding's name, then the setting fields' values, passed on by key."""
+
+    def start(name: str | None, *values: Any) -> str:
+        return start_training(backend, resume, name, dict(zip(keys, values, strict=True)))
+
+    return start
+
+
+def _poll_values(seen: dict | None) -> tuple:
+    """`poll_training`'s named update as the plain tuple gradio takes (gradio 3 sees a named tuple as one value)."""
+    return tuple(poll_training(seen))
