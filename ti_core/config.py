@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DataConfig
+from .editability import METHODS
 from .names import validate_name
 from .schedule import parse_schedule
 
@@ -45,6 +46,14 @@ class TrainConfig:
     grad_clip_value: float = 0.1
     norm_control: float = 0.0  # 0 = off; else cap each vector's norm at this × the vocabulary's median norm
     seed: int = 0
+
+    # Editability: how the vectors are kept word-like (ti_core.editability; the default by bench/RESULTS.md).
+    method: str = (
+        "auto"  # "auto" (new runs: directional; a resumed run keeps its own) | "plain" | "directional" | "cross_init"
+    )
+    direction_prior: float = 0.0  # directional: pull toward the init text's direction (0 = off, as in the paper)
+    cross_init_weight: float = 1e-5  # cross_init: L2 pull toward the start (CrossInit's reg_weight)
+    context_regularization: float = 0.0  # weight of the context term, any method (0 = off)
 
     # The diffusion loss.
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the value of Hang et al. (2023)
@@ -151,6 +160,9 @@ def _check(config: TrainConfig) -> None:
     )
     require(config.grad_clip_value > 0, f"grad_clip_value must be positive, not {config.grad_clip_value}")
     require(config.norm_control >= 0, f"norm_control must be 0 (off) or positive, not {config.norm_control}")
+    require(config.method in METHODS, f"method must be one of {', '.join(METHODS)}, not {config.method!r}")
+    for weight in ("direction_prior", "cross_init_weight", "context_regularization"):
+        require(getattr(config, weight) >= 0, f"{weight} must be 0 (off) or positive, not {getattr(config, weight)}")
     require(config.min_snr_gamma >= 0, f"min_snr_gamma must be 0 (off) or positive, not {config.min_snr_gamma}")
     require(config.noise_offset >= 0, f"noise_offset must not be negative, not {config.noise_offset}")
     require(

@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import torch
 from .config import TrainConfig
 from .create import create_embedding
 from .data import encode_dataset, load_template, render_prompt, scan_images
+from .editability import RunEditability, norm_warning, resolve_method
 from .embedding import Embedding
 from .formats import (
     atomic_write,
@@ -55,7 +56,7 @@ OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErro
 
 @dataclass
 class TrainEvent:
-    """A progress report for the callback. kind: start, step, preview, snapshot, validation, done,
+    """A progress report for the callback. kind: start, step, warning, preview, snapshot, validation, done,
     interrupted or error; fields that do not apply to a kind are None."""
 
     kind: str
@@ -70,6 +71,7 @@ class TrainEvent:
     image: Any = None  # PIL.Image for "preview"
     message: str = ""
     outputs_seconds: float | None = None  # "step": time spent on snapshots, validation and previews so far
+    norm_ratio: float | None = None  # "step": the largest vector norm as a multiple of the vocabulary's mean
 
 
 @dataclass
@@ -132,6 +134,9 @@ def train(
         with procs.main_first():  # the main process converts a resumed .pt first; the others then read that
             embedding, adopted = starting_embedding(model, config, run if procs.is_main else None)
         start = embedding.step
+        # Editability hook: "auto" resolved (a resumed run keeps its method), recorded in settings.json and the file.
+        method = resolve_method(config.method, start, embedding.metadata.get("training_settings"))
+        config = run.config = replace(config, method=method)
         with procs.main_first():  # the main process fills the latent cache; the others then read it
             dataset = _encode_images(model, config, run, device)
         template = load_template(config.data.template)
@@ -140,6 +145,12 @@ def train(
         vectors = {
             key: torch.nn.Parameter(tensor.to(device, torch.float32)) for key, tensor in embedding.vectors.items()
         }
+
+        # Editability hook: the method's anchors, and a new run's start (on the sphere, or CrossInit's).
+        init_text = embedding.metadata.get("init_text", config.init_text)
+        editability = RunEditability(model, config, init_text, embedding.num_vectors)
+        if start == 0:
+            editability.start(vectors)
 
         # Optimizer, schedule and the fixed parts of the loss.
         optimizer = _adamw(list(vectors.values()), device)
@@ -154,7 +165,7 @@ def train(
             model, config, run, procs, embedding, emit, noise_scheduler,
             validation=validation_set(dataset, template, config, device) if config.validation_every else [],
             preview_prompt=config.preview_prompt or _default_preview_prompt(dataset, template, config),
-            half=half,
+            half=half, vocabulary_norms=editability.mean_norms,
         )  # fmt: skip
         run.begin(start)
         message = _start_message(config, len(dataset), procs.world, start, resume_note)
@@ -166,6 +177,7 @@ def train(
         good, good_step, step = _detached(vectors), start, start  # the last finite vectors, saved on any stop
         clock = Clock(start, config.steps)
         stopped, message, error = "done", "", None
+        warned = False
         try:
             while step < config.steps:
                 if procs.any(cancel is not None and cancel.is_set()):
@@ -182,14 +194,18 @@ def train(
                     tokens = tokenize(prompts)
                     with _autocast(device, half):
                         value = batch_loss(model, noise_scheduler, vectors, batch, tokens, noise_rng, config)
-                    scaler.scale(value / config.gradient_accumulation).backward()
+                        # Editability hook: the method's loss terms (logged loss: the diffusion loss alone).
+                        extra = editability.loss(model, tokenize, vectors, step, micro, procs.rank, len(prompts))
+                    scaler.scale((value + extra) / config.gradient_accumulation).backward()
                     loss += value.item() / config.gradient_accumulation
                 loss = procs.mean(loss)
                 # Checked before the optimizer step, so a diverged step never reaches the vectors.
                 if not math.isfinite(loss):
                     stopped, message = "nan", f"the loss became {loss} at step {step + 1}"
                     break
+                editability.before_step(vectors)  # editability hook: directional keeps the gradients' tangent part
                 _optimizer_step(optimizer, scaler, vectors, procs, config)
+                editability.after_step(vectors)  # editability hook: directional steps back onto the sphere
                 control_norms(vectors, norm_limits)
                 if not all(torch.isfinite(tensor).all() for tensor in vectors.values()):
                     stopped, message = "nan", f"the vectors became infinite or NaN at step {step + 1}"
@@ -199,9 +215,16 @@ def train(
                 clock.tick(step)
                 run.log_loss(step, epoch, loss, lr, clock.elapsed)
                 rate, eta, outputs_seconds = clock.rate, clock.eta, clock.outputs_seconds
+                ratio = editability.norm_ratio(vectors)
                 emit(
-                    TrainEvent("step", step, config.steps, loss, lr, rate, eta, epoch, outputs_seconds=outputs_seconds)
-                )
+                    TrainEvent(
+                        "step", step, config.steps, loss, lr, rate, eta, epoch,
+                        outputs_seconds=outputs_seconds, norm_ratio=ratio,
+                    )
+                )  # fmt: skip
+                if not warned and (warning := norm_warning(ratio)):  # editability hook: once per run
+                    warned = True
+                    emit(TrainEvent("warning", step, config.steps, norm_ratio=ratio, message=warning))
                 with clock.outside_steps():
                     outputs.periodic(vectors, step)
         except Exception as exception:  # whatever it was, the last good vectors are saved and it is reported
@@ -699,6 +722,7 @@ class Outputs:
     validation: list[ValidationSample]
     preview_prompt: str
     half: torch.dtype | None
+    vocabulary_norms: dict[str, float] = field(default_factory=dict)
 
     def at(self, vectors, step: int) -> Embedding:
         """The embedding with these vectors at this step, with what the web UIs and a re-run need to know."""
@@ -710,6 +734,8 @@ class Outputs:
             "base_model_hash": model.shorthash() or "",
             "architecture": model.architecture,
             "init_text": self.embedding.metadata.get("init_text", config.init_text),
+            # Editability hook: the scale of a word, so a file's norms read as multiples of it without the model.
+            "vocabulary_norms": json.dumps({key: round(norm, 6) for key, norm in self.vocabulary_norms.items()}),
         }
         tensors = {key: tensor.detach().float().cpu() for key, tensor in vectors.items()}
         return Embedding(name=config.name, vectors=tensors, step=step, metadata=metadata)
@@ -793,7 +819,8 @@ def _start_message(config: TrainConfig, images: int, processes: int, start: int,
     where = f" on {processes} processes" if processes > 1 else ""
     begin = f"from step {start}" if start else "from the start"
     note = f"; {resume_note}" if resume_note else ""
-    return f"Training {config.name} on {images} images{where}, {begin} to step {config.steps}{note}"
+    method = f" ({config.method})" if config.method != "plain" else ""
+    return f"Training {config.name} on {images} images{where}, {begin} to step {config.steps}{method}{note}"
 
 
 class Clock:

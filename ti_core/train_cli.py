@@ -29,6 +29,7 @@ from typing import Any
 from .cli import UsageError, add_model_arguments, load_model_from_args
 from .config import GRAD_CLIP, MIXED_PRECISION, TrainConfig
 from .data import BUILTIN_TEMPLATES, LATENT_SAMPLING, DataConfig
+from .editability import METHODS
 
 # MKL sums in an order that depends on memory alignment unless told otherwise, and Adam amplifies the
 # last-bit differences, so the same seed would not give the same embedding twice on the CPU. It must be
@@ -62,6 +63,22 @@ OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
         ("--norm-control",),
         "norm_control",
         {"type": float, "help": "cap vector norms at this x the vocabulary's median (0 = off)"},
+    ),
+    (
+        ("--method",),
+        "method",
+        {
+            "choices": METHODS,
+            "help": "plain TI; directional: fixed norm, only the direction trained; cross_init: start from the "
+            "text encoder's output (auto: directional for a new run, a resumed run keeps its own)",
+        },
+    ),
+    (("--direction-prior",), "direction_prior", {"type": float, "help": "directional: pull toward the init text"}),
+    (("--cross-init-weight",), "cross_init_weight", {"type": float, "help": "cross_init: L2 pull toward the start"}),
+    (
+        ("--context-regularization",),
+        "context_regularization",
+        {"type": float, "help": "keep the other words of prompts encoded as with the init text (0 = off)"},
     ),
     (("--min-snr-gamma",), "min_snr_gamma", {"type": float, "help": "min-SNR loss weighting (0 = off; 5 is usual)"}),
     (("--noise-offset",), "noise_offset", {"type": float}),

@@ -15,7 +15,7 @@ from ti_core.jobs import TrainingJob, current_job
 from ti_core.names import plural
 
 from .backend import Backend
-from .plot import loss_frame
+from .plot import loss_frame, norm_frame
 from .render import (
     PROMPT_TOKENS,
     _error,
@@ -169,6 +169,10 @@ TRAIN_FIELDS = (
     "grad_clip",
     "grad_clip_value",
     "seed",
+    "method",
+    "direction_prior",
+    "cross_init_weight",
+    "context_regularization",
 )
 
 
@@ -275,7 +279,7 @@ def poll_training(seen: dict | None):
     snapshot = job.snapshot() if job is not None else None
     version = snapshot["version"] if snapshot else 0
     if version == seen.get("version"):
-        return (gr.update(),) * 8 + (seen,)
+        return (gr.update(),) * 9 + (seen,)
     fresh_page = "version" not in seen
     seen["version"] = version
     if snapshot is None:
@@ -288,6 +292,7 @@ def poll_training(seen: dict | None):
             gr.update(interactive=True),
             gr.update(interactive=True),
             gr.update(interactive=False),
+            gr.update(),
             seen,
         )
     running = snapshot["running"]
@@ -298,12 +303,18 @@ def poll_training(seen: dict | None):
         point for point in snapshot["losses"] if start is None or point[0] > start
     ]
     previews = list(dict.fromkeys([*earlier_previews, *snapshot["previews"]]))
-    plot, gallery = gr.update(), gr.update()
+    plot, gallery, norm_plot = gr.update(), gr.update(), gr.update()
     keep_last_run = never_started and not running and not fresh_page  # refused or failed before its first step
     if not keep_last_run:
         if len(losses) != seen.get("losses") or not running:
             seen["losses"] = len(losses)
             plot = loss_frame(losses)
+        norms = snapshot.get("norm_ratios") or []  # this run's steps (loss.csv keeps no norms)
+        if len(norms) != seen.get("norms") or not running:
+            from ti_core.editability import NORM_WARNING_RATIO
+
+            seen["norms"] = len(norms)
+            norm_plot = norm_frame(norms, NORM_WARNING_RATIO)
         if len(previews) != seen.get("previews"):
             seen["previews"] = len(previews)
             gallery = _preview_items(previews)
@@ -325,6 +336,7 @@ def poll_training(seen: dict | None):
         gr.update(interactive=not running),
         gr.update(interactive=not running),
         gr.update(interactive=running),
+        norm_plot,
         seen,
     )
 
@@ -428,13 +440,30 @@ def scan_action(folder: str, recursive: bool, resolution: float, buckets: bool):
     return "".join(_status(line, kind) for line in lines), gr.update(value=thumbs, visible=True)
 
 
+_norms_cache: dict[int, dict[str, float]] = {}
+
+
+def _vocabulary_norms(model) -> dict[str, float] | None:
+    """The loaded model's vocabulary mean norms, once per model (the cards' norm ratios)."""
+    from ti_core.editability import vocabulary_mean_norms
+
+    if model is None:
+        return None
+    key = id(model.encoders[0].model)
+    if key not in _norms_cache:
+        _norms_cache.clear()
+        _norms_cache[key] = vocabulary_mean_norms(model)
+    return _norms_cache[key]
+
+
 def library_action(backend: Backend):
     """Refresh of the Embeddings tab: cards and the inspect picker."""
     from ti_core.formats import list_embeddings
 
     model = backend.loaded_model()
     widths = model.widths if model is not None else None
-    cards = [card_info(path, widths) for path in list_embeddings(backend.embeddings_dir)]
+    norms = _vocabulary_norms(model)
+    cards = [card_info(path, widths, norms) for path in list_embeddings(backend.embeddings_dir)]
     names = sorted({card.name for card in cards if not card.error}, key=str.lower)
     return cards_html(cards, backend.model_label()), gr.update(choices=names, value=names[0] if names else None)
 

@@ -12,7 +12,7 @@ import gradio as gr
 from ..actions import _dropdown_names, interrupt_training, poll_training, scan_action, start_training
 from ..backend import Backend
 from ..compat import _make, _poll, _refresh_button
-from ..plot import CURVES
+from ..plot import CURVES, NORM_CURVES
 from ..render import embedding_names, progress_html
 
 
@@ -166,6 +166,42 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
         )
         clip_value = _make(gr.Number, value=0.1, label="Clip at", elem_id="ti_train_grad_clip_value")
         seed = _make(gr.Number, value=0, precision=0, label="Seed", elem_id="ti_train_seed")
+    with _make(gr.Accordion, label="Editability", open=False, elem_id="ti_train_editability"):
+        from ti_core.editability import METHODS
+
+        method = _make(
+            gr.Radio,
+            choices=list(METHODS),
+            value="auto",
+            label="Method",
+            info="plain: Textual Inversion as everyone trains it (its norm grows and can overpower prompts) · "
+            "directional: the norm stays a word's, only the direction is trained · cross_init: starts from the "
+            "text encoder's output for the init text · auto: directional for a new embedding, a resumed one "
+            "keeps its own",
+            elem_id="ti_train_method",
+        )
+        with gr.Row():
+            direction_prior = _make(
+                gr.Number,
+                value=0.0,
+                label="Directional: pull toward the init text (0: off)",
+                elem_id="ti_train_direction_prior",
+                minimum=0,
+            )
+            cross_init_weight = _make(
+                gr.Number,
+                value=1e-5,
+                label="CrossInit: pull toward the start",
+                elem_id="ti_train_cross_init_weight",
+                minimum=0,
+            )
+            context = _make(
+                gr.Number,
+                value=0.0,
+                label="Context regularization: keep the other words of a prompt as with the init text (0: off)",
+                elem_id="ti_train_context_regularization",
+                minimum=0,
+            )
     fields = [
         images,
         recursive,
@@ -191,6 +227,10 @@ def _train_settings_column(backend: Backend) -> tuple[Any, list, list]:
         clip,
         clip_value,
         seed,
+        method,
+        direction_prior,
+        cross_init_weight,
+        context,
     ]
     scan_inputs = [images, recursive, resolution, buckets]
     for trigger in (scan.click, images.submit, recursive.change):
@@ -210,6 +250,7 @@ def _train_tab(demo, backend: Backend):
             status = _make(gr.HTML, value="", elem_id="ti_train_status")
             progress = _make(gr.HTML, value=progress_html(None), elem_id="ti_train_progress")
             plot = _loss_plot()
+            norm_plot = _norm_plot()
             previews = _make(
                 gr.Gallery, label="Previews", columns=4, height=260, object_fit="contain", elem_id="ti_train_previews"
             )
@@ -219,7 +260,7 @@ def _train_tab(demo, backend: Backend):
     resume.click(lambda *values: _start_from_values(backend, True, values), inputs, status)
     interrupt.click(interrupt_training, None, status)
     seen = gr.State({})
-    outputs = [progress, plot, previews, status, result, train, resume, interrupt, seen]
+    outputs = [progress, plot, previews, status, result, train, resume, interrupt, norm_plot, seen]
     _poll(poll_training, [seen], outputs, elem_id="ti_train_poll")
     return embedding
 
@@ -247,6 +288,30 @@ def _loss_plot():
         label="Loss",
         show_label=False,
         elem_id="ti_train_loss_plot",
+    )
+
+
+def _norm_plot():
+    """The largest vector's norm as a multiple of the vocabulary's mean, with the warning threshold."""
+    return _make(
+        gr.LinePlot,
+        value=None,
+        x="step",
+        y="norm",
+        color="curve",
+        color_map={NORM_CURVES[0]: "#1f4fbf", NORM_CURVES[1]: "#d98200"},
+        x_title="step",
+        y_title="norm / vocabulary mean",
+        tooltip=["step", "norm", "curve"],
+        color_legend_title=" ",
+        color_title=" ",
+        color_legend_position="bottom",
+        overlay_point=False,
+        width=400,
+        height=160,
+        label="Vector norm",
+        show_label=False,
+        elem_id="ti_train_norm_plot",
     )
 
 
