@@ -819,8 +819,8 @@ def _start_message(config: TrainConfig, images: int, processes: int, start: int,
     where = f" on {processes} processes" if processes > 1 else ""
     begin = f"from step {start}" if start else "from the start"
     note = f"; {resume_note}" if resume_note else ""
-    method = f" ({config.method})" if config.method != "plain" else ""
-    return f"Training {config.name} on {images} images{where}, {begin} to step {config.steps}{method}{note}"
+    method = f"; method: {config.method}" if config.method != "plain" else ""
+    return f"Training {config.name} on {images} images{where}, {begin} to step {config.steps}{note}{method}"
 
 
 class Clock:
