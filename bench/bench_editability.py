@@ -1,7 +1,7 @@
 """Editability: does a trained embedding stay usable among other words? Plain textual inversion, a norm clamp and
 the methods of ti_core.editability, trained by the real trainer on a tiny real-architecture SD1 model.
 
-    python bench/bench_editability.py                # 3 seeds, about 3-5 minutes on 2 CPU cores
+    python bench/bench_editability.py                # 3 seeds, about 5-10 minutes on one CPU core
     python bench/bench_editability.py --steps 100 --seeds 1
 
 The world. The concept is a real word, so there is a right answer to compare with: the tiny model (seed 0, real
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--only", help="comma-separated method names (default: all)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)  # tiny models: a second thread gains little
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
