@@ -148,20 +148,18 @@ def test_each_method_trains_and_resumes_exactly(tmp_path, images, tiny_models, s
     assert json.loads(whole.metadata["training_settings"])["method"] == settings["method"]
 
 
-def test_directional_keeps_each_encoders_vectors_at_its_vocabulary_mean_norm(tmp_path, images, tiny_models):
-    """SDXL: the norm is fixed per text encoder (their vocabularies have different scales)."""
-    model = tiny_models["sdxl"]
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_directional_keeps_each_encoders_vectors_at_its_vocabulary_mean_norm(tmp_path, images, tiny_models, arch):
+    """SDXL: the norm is fixed per text encoder (their vocabularies have different scales); SD2's one too."""
+    model = tiny_models[arch]
     trained, events = run(model, make_config(tmp_path, images, method="directional", learning_rate="0.5"))
     means = editability.vocabulary_mean_norms(model)
-    for key in ("clip_l", "clip_g"):
+    for encoder in model.encoders:
+        key = encoder.key
         assert torch.allclose(trained.vectors[key].norm(dim=1), torch.full((2,), means[key]), rtol=1e-5)
-    start = editability.retract_to_sphere(
-        torch.stack(
-            [model.encoders[0].token_table[model.encoders[0].tokenizer("a dog").input_ids[i]] for i in (1, 2)]
-        ),
-        means["clip_l"],
-    )
-    assert not torch.allclose(trained.vectors["clip_l"], start.float(), atol=1e-3)  # the direction did move
+        rows = [encoder.token_table[token] for token in encoder.tokenizer("a dog", add_special_tokens=False).input_ids]
+        start = editability.retract_to_sphere(torch.stack(rows).detach().float(), means[key])
+        assert not torch.allclose(trained.vectors[key], start, atol=1e-3)  # the direction did move
     ratios = [event.norm_ratio for event in events if event.kind == "step"]
     assert ratios == pytest.approx([1.0] * 4, rel=1e-5)
     assert json.loads(trained.metadata["vocabulary_norms"]) == pytest.approx(means, rel=1e-5)
