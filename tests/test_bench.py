@@ -75,3 +75,21 @@ def test_memory_benchmark_reports_weights_and_working_set(tmp_path):
     )
     assert line, run.stdout
     assert float(line.group(1)) > 0
+
+
+def test_bench_editability_smoke(tmp_path):
+    """The editability benchmark runs end to end (2 steps, 1 seed, two methods) and prints its table."""
+    command = [
+        sys.executable, str(ROOT / "bench" / "bench_editability.py"),
+        "--steps", "2", "--seeds", "1", "--threads", "1", "--only", "plain TI,directional",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    number = r"-?\d+\.\d+ ± \d+\.\d+"
+    for row in ("init word", "true word", "plain TI", "directional"):
+        assert re.search(
+            rf"^\| {row} \| {number} \| {number} \| {number} \| {number} \| {number} \|$", run.stdout, re.M
+        )
+    assert "cross_init" not in run.stdout.split("| embedding")[1]  # only the methods asked for
+    assert re.search(r"^\| directional \|.*\| 1\.00 ± 0\.00 \|$", run.stdout, re.M)  # at a word's norm

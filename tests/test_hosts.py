@@ -524,6 +524,9 @@ def test_train_config_uses_the_host_folders_and_defaults(host, backend, tmp_path
     assert status == 400 and "name" in payload["error"]
     status, payload = routes.handle(routes.train, backend, {"name": "x", "data": {"images": "i"}, "steps": "many"})
     assert status == 400
+    assert _config(tmp_path, backend, method="plain", context_regularization=0.5).method == "plain"
+    status, payload = routes.handle(routes.train, backend, {"name": "x", "data": {"images": "i"}, "method": "dti"})
+    assert status == 400 and payload["error"].startswith("method must be one of auto, plain, directional")
     status, payload = routes.handle(routes.train, backend, {"name": "x", "data": {"images": str(tmp_path / "nope")}})
     assert status == 400 and "is not a folder" in payload["error"]
     assert routes.handle(routes.create, backend, {"name": "made"})[0] == 200

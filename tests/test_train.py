@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ import ti_core.train.outputs as train_outputs
 import ti_core.train.patching as train_patching
 from ti_core.config import TrainConfig
 from ti_core.data import DataConfig
+from ti_core.editability import DEFAULT_METHOD
 from ti_core.formats import load_embedding, save_embedding
 from ti_core.models import from_pipeline
 from ti_core.prompt import Conditioning
@@ -221,7 +223,8 @@ def test_outputs_of_a_run(tmp_path, images, tiny_models):
         assert image.size == (64, 64)
     with Image.open(tmp_path / "embeddings" / f"{NAME}.preview.png") as image:
         assert image.size == (64, 64)
-    assert TrainConfig.from_dict(json.loads((folder / "settings.json").read_text())) == config
+    ran = dataclasses.replace(config, method=DEFAULT_METHOD)  # "auto" is recorded as the method it meant
+    assert TrainConfig.from_dict(json.loads((folder / "settings.json").read_text())) == ran
     with open(folder / "loss.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(row["step"]) for row in rows] == [1, 2]
@@ -230,7 +233,7 @@ def test_outputs_of_a_run(tmp_path, images, tiny_models):
     assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp") or path.name == ".lock"]
 
     final = load_embedding(result.embedding_path)
-    assert TrainConfig.from_dict(json.loads(final.metadata["training_settings"])) == config
+    assert TrainConfig.from_dict(json.loads(final.metadata["training_settings"])) == ran
     assert final.metadata["architecture"] == "sd1"
     assert final.metadata["init_text"] == "a dog"
     assert final.metadata["base_model"] == model.name
@@ -561,7 +564,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_finite_vectors(tmp_path, images, ti
 
 
 def test_a_diverging_learning_rate_stops_with_finite_vectors(tmp_path, images, tiny_models):
-    result, _ = run(tiny_models["sd1"], make_config(tmp_path, images, steps=6, learning_rate="1e30"))
+    result, _ = run(tiny_models["sd1"], make_config(tmp_path, images, steps=6, learning_rate="1e30", method="plain"))
     assert result.stopped == "nan" and result.step < 6
     saved = load_embedding(result.embedding_path)
     assert saved.step == result.step and all(torch.isfinite(v).all() for v in saved.vectors.values())
@@ -613,10 +616,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, images, tiny_
 def test_norm_control_caps_vector_norms_at_the_vocabulary_median(tmp_path, images, tiny_models):
     model = tiny_models["sd1"]
     limit = vocabulary_norm_limits(model, 1.0)["clip_l"]
-    loose, _ = run(model, make_config(tmp_path / "loose", images, learning_rate="1.0", init_text=""))
-    capped, _ = run(
-        model, make_config(tmp_path / "capped", images, learning_rate="1.0", init_text="", norm_control=1.0)
-    )
+    plain = {"learning_rate": "1.0", "init_text": "", "method": "plain"}
+    loose, _ = run(model, make_config(tmp_path / "loose", images, **plain))
+    capped, _ = run(model, make_config(tmp_path / "capped", images, **plain, norm_control=1.0))
     loose_norms = load_embedding(loose.embedding_path).vectors["clip_l"].norm(dim=1)
     capped_norms = load_embedding(capped.embedding_path).vectors["clip_l"].norm(dim=1)
     assert loose_norms.max() > 1.5 * limit  # without it, two big steps overshoot the vocabulary's norms

@@ -116,7 +116,7 @@ def test_train_then_resume_from_the_saved_settings(tmp_path, capsys, base_args):
 
 
 def test_a_diverging_run_exits_1_and_keeps_finite_vectors(tmp_path, capsys, base_args):
-    assert main([*base_args, "--steps", "6", "--learning-rate", "1e30"]) == 1
+    assert main([*base_args, "--steps", "6", "--learning-rate", "1e30", "--method", "plain"]) == 1
     (line,) = error_lines(capsys.readouterr().err)
     assert line.startswith("error: Training stopped: the ")
     assert "saved the last finite vectors" in line
@@ -169,7 +169,7 @@ def test_two_processes_under_accelerate_launch(tmp_path, base_args):
     lines = done.stdout.splitlines()
     assert (
         lines[0].startswith("Loading ")
-        and lines[1] == "Training cat on 4 images on 2 processes, from the start to step 3"
+        and lines[1] == "Training cat on 4 images on 2 processes, from the start to step 3; method: directional"
     )  # printed once: rank 0
     assert lines[-1].endswith("(2 processes finished with identical vectors)")
     assert sorted(path.name for path in (tmp_path / "embeddings").iterdir()) == ["cat.safetensors"]

@@ -48,6 +48,8 @@ REQUIRED_IDS = {
     "ti_train_interrupt",
     "ti_train_progress",
     "ti_train_loss_plot",
+    "ti_train_norm_plot",
+    "ti_train_method",
     "ti_train_previews",
     "ti_embeddings_list",
     "ti_embeddings_refresh",
@@ -105,6 +107,10 @@ TAB_DEFAULTS = {
     "grad_clip": "disabled",
     "grad_clip_value": 0.1,
     "seed": 0.0,
+    "method": "auto",
+    "direction_prior": 0.0,
+    "cross_init_weight": 1e-5,
+    "context_regularization": 0.0,
 }
 
 
@@ -972,3 +978,26 @@ def test_in_the_page_the_train_tab_keeps_the_embeddings_history(ui, app):
     assert ui.page.evaluate(previews) == 4
     assert re.search(r"Step 4 / 4.*took", ui.text("ti_train_progress"))
     ui.screenshot("train-history-after-a-refused-resume")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_train_tab_plots_the_norm_ratio_and_warns_past_the_threshold(tiny_models, tmp_path):
+    from ti_core.editability import NORM_WARNING_RATIO
+
+    backend = TinyBackend(tiny_models["sd1"], tmp_path)
+    images = make_dataset(tmp_path / "images")
+    save_embedding(create_embedding(tiny_models["sd1"], "loud", "", 1), backend.embeddings_dir)
+    values = _train_values(images, steps=3, preview_every=0, method="plain", learning_rate="0.5")
+    assert "Training loud" in extension.start_training(backend, False, "loud", *values)
+    progress, *_, norm_plot, _seen = _poll_until_done({})
+    vector = norm_plot[norm_plot["curve"] == "largest vector"]
+    assert list(vector["step"]) == [1, 2, 3] and vector["norm"].iloc[-1] > NORM_WARNING_RATIO
+    assert set(norm_plot[norm_plot["curve"] == "warning threshold"]["norm"]) == {NORM_WARNING_RATIO}
+    assert "× the vocabulary" in progress and "may overpower other words" in progress
+
+    save_embedding(create_embedding(tiny_models["sd1"], "quiet", "cat", 1), backend.embeddings_dir)
+    values = _train_values(images, steps=3, preview_every=0, learning_rate="0.5")  # auto: directional
+    assert "Training quiet" in extension.start_training(backend, False, "quiet", *values)
+    progress, *_, norm_plot, _seen = _poll_until_done({})
+    assert list(norm_plot[norm_plot["curve"] == "largest vector"]["norm"]) == pytest.approx([1.0] * 3, rel=1e-3)
+    assert "may overpower" not in progress

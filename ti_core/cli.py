@@ -77,7 +77,7 @@ METADATA_ORDER = ("init_text", "base_model", "base_model_hash", "tool", "convert
 
 def run_inspect(args) -> int:
     from .formats import EmbeddingFileError, load_embedding
-    from .inspect import describe, nearest_tokens
+    from .inspect import describe, model_norm_ratios, nearest_tokens
 
     model = load_model_from_args(args) if args.model else None
     embedding = load_embedding(args.file)
@@ -89,6 +89,7 @@ def run_inspect(args) -> int:
             info["fits"], info["does_not_fit_because"] = False, error.reason
         else:
             info["fits"], info["nearest_tokens"] = True, nearest_tokens(model, fitted)
+            info["norm_ratios"] = model_norm_ratios(model, fitted)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -96,6 +97,10 @@ def run_inspect(args) -> int:
     if "fits" in info:
         rows.append(("fits", "yes" if info["fits"] else f"no, {info['does_not_fit_because']}"))
     rows += [(f"norms {key}", ", ".join(f"{n:.3f}" for n in norms)) for key, norms in info["norms"].items()]
+    rows += [
+        (f"norm/vocabulary {key}", ", ".join(f"{ratio:.2f}x" for ratio in ratios))
+        for key, ratios in info["norm_ratios"].items()
+    ]
     # The file's metadata in a fixed order (a safetensors header keeps none): the known keys first, then the
     # rest by name; empty values say nothing.
     metadata = info["metadata"]

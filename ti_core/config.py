@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DataConfig
+from .editability import METHODS
 from .names import validate_name
 from .schedule import parse_schedule
 from .settings import Setting, setting, settings_of
@@ -75,6 +76,28 @@ class TrainConfig:
         minimum=0, zero_means="off",
     )  # fmt: skip
     seed: int = setting(0, group="optimisation", advanced=True, label="Seed", elem_id="ti_train_seed")
+
+    # Editability: how the vectors are kept word-like (ti_core.editability; the default by bench/RESULTS.md).
+    method: str = setting(
+        "auto",
+        "plain TI; directional: fixed norm, only the direction trained; cross_init: start from the text encoder's "
+        "output (auto: directional for a new run, a resumed run keeps its own)",
+        group="editability", choices=METHODS, label="Method", elem_id="ti_train_method",
+    )  # fmt: skip
+    direction_prior: float = setting(
+        0.0, "directional: pull toward the init text (0 = off, as in the paper)", group="editability", minimum=0,
+        zero_means="off", label="Directional: pull toward the init text (0: off)", elem_id="ti_train_direction_prior",
+    )  # fmt: skip
+    cross_init_weight: float = setting(
+        1e-5, "cross_init: L2 pull toward the start (CrossInit's reg_weight)", group="editability", minimum=0,
+        zero_means="off", label="CrossInit: pull toward the start", elem_id="ti_train_cross_init_weight",
+    )  # fmt: skip
+    context_regularization: float = setting(
+        0.0, "keep the other words of prompts encoded as with the init text (0 = off)", group="editability",
+        minimum=0, zero_means="off",
+        label="Context regularization: keep the other words of a prompt as with the init text (0: off)",
+        elem_id="ti_train_context_regularization",
+    )  # fmt: skip
 
     # The diffusion loss.
     min_snr_gamma: float = setting(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .editability import norm_ratios, recorded_mean_norms, vocabulary_mean_norms
 from .embedding import REAL_WIDTHS, Embedding
 from .timodel import TIModel
 
@@ -38,12 +39,30 @@ def describe(path: Path, embedding: Embedding) -> dict:
         "widths": embedding.widths,
         "step": embedding.step,
         "norms": {key: [round(float(n), 4) for n in tensor.norm(dim=1)] for key, tensor in embedding.vectors.items()},
+        # Each norm as a multiple of the vocabulary's mean token norm (1 = a word's scale), as recorded by training.
+        "norm_ratios": rounded_ratios(embedding, recorded_mean_norms(embedding.metadata)),
         # architecture is shown above; training_settings below, parsed
         "metadata": {
-            key: value for key, value in embedding.metadata.items() if key not in ("architecture", "training_settings")
+            key: value
+            for key, value in embedding.metadata.items()
+            if key not in ("architecture", "training_settings", "vocabulary_norms")
         },
         "training_settings": _json_or_none(embedding.metadata.get("training_settings")),
     }
+
+
+def rounded_ratios(embedding: Embedding, mean_norms: dict[str, float]) -> dict[str, list[float]]:
+    """`norm_ratios` rounded for display ({} without mean norms)."""
+    return {key: [round(r, 2) for r in row] for key, row in norm_ratios(embedding.vectors, mean_norms).items()}
+
+
+def model_norm_ratios(model, embedding: Embedding) -> dict[str, list[float]]:
+    """Norm ratios against this model's own vocabulary (for vectors as wide as its encoders)."""
+    widths = model.widths
+    fitting = {key: tensor for key, tensor in embedding.vectors.items() if widths.get(key) == tensor.shape[1]}
+    if not fitting:
+        return {}
+    return rounded_ratios(Embedding(embedding.name, fitting), vocabulary_mean_norms(model))
 
 
 def _json_or_none(text: str | None):

@@ -58,6 +58,9 @@ class TrainingJob:
             "epoch": None,
             "message": "Starting…",
             "losses": [],
+            "norm_ratios": [],  # (step, largest vector norm / the vocabulary's mean norm)
+            "norm_ratio": None,
+            "warning": "",  # the run's one-line warning (a vector's norm past the threshold)
             "previews": [],
             "snapshots": [],
             "final_path": None,
@@ -127,6 +130,7 @@ class TrainingJob:
             state = dict(self._state)
             state["losses"] = [list(point) for point in self._state["losses"]]
             state["previews"] = list(self._state["previews"])
+            state["norm_ratios"] = [list(point) for point in self._state["norm_ratios"]]
             state["snapshots"] = list(self._state["snapshots"])
         state["elapsed_seconds"] = round((state["finished_at"] or time.time()) - state["started_at"], 3)
         return state
@@ -157,7 +161,9 @@ class TrainingJob:
         """The trainer's callback: fold the event into the snapshot, then tell the observer."""
         kind = event.kind
         changes: dict[str, Any] = {}
-        for field in ("step", "total", "lr", "steps_per_second", "eta_seconds", "outputs_seconds", "epoch"):
+        for field in (
+            "step", "total", "lr", "steps_per_second", "eta_seconds", "outputs_seconds", "epoch", "norm_ratio"
+        ):  # fmt: skip
             value = getattr(event, field)
             if value is not None:
                 changes[field] = _plain(value)
@@ -168,6 +174,8 @@ class TrainingJob:
             changes["message"] = event.message
         if kind in ("start", "step"):
             changes["phase"] = "training"
+        if kind == "warning":
+            changes["warning"] = event.message
         if kind == "start":  # where this run began: a resumed run's earlier steps are in its run folder
             changes["start_step"] = int(event.step or 0)
         path = event.path
@@ -176,6 +184,11 @@ class TrainingJob:
                 self._state["losses"].append((int(event.step or 0), float(loss)))
                 if len(self._state["losses"]) > MAX_LOSS_POINTS:
                     self._state["losses"] = self._state["losses"][::2]
+            ratio = event.norm_ratio
+            if kind == "step" and ratio is not None and math.isfinite(float(ratio)):
+                self._state["norm_ratios"].append((int(event.step or 0), float(ratio)))
+                if len(self._state["norm_ratios"]) > MAX_LOSS_POINTS:
+                    self._state["norm_ratios"] = self._state["norm_ratios"][::2]
             if kind == "preview" and path is not None:
                 self._state["previews"].append(str(path))
             if kind == "snapshot" and path is not None:

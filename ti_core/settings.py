@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-GROUPS = ("run", "embedding", "data", "optimisation", "loss", "speed", "outputs")
+GROUPS = ("run", "embedding", "data", "optimisation", "editability", "loss", "speed", "outputs")
 
 
 @dataclass(frozen=True)

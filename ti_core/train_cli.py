@@ -254,7 +254,7 @@ class Progress:
             self._line(event.message)
         elif event.kind == "step":
             self._step(event)
-        elif event.kind in ("snapshot", "preview", "validation"):
+        elif event.kind in ("snapshot", "preview", "validation", "warning"):
             if event.kind == "snapshot":
                 self.last_snapshot = event.step
             self._line(event.message)

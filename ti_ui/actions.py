@@ -16,7 +16,7 @@ from ti_core.jobs import TrainingJob, current_job
 from ti_core.names import plural
 
 from .backend import Backend
-from .plot import loss_frame
+from .plot import loss_frame, norm_frame
 from .render import (
     PROMPT_TOKENS,
     card_info,
@@ -158,6 +158,7 @@ class PollUpdate(NamedTuple):
     train: Any
     resume: Any
     interrupt: Any
+    norm_plot: Any
     seen: dict
 
 
@@ -277,7 +278,7 @@ def poll_training(seen: dict | None):
     snapshot = job.snapshot() if job is not None else None
     version = snapshot["version"] if snapshot else 0
     if version == seen.get("version"):
-        return PollUpdate(*(gr.update(),) * 8, seen)
+        return PollUpdate(*(gr.update(),) * 9, seen)
     fresh_page = "version" not in seen
     seen["version"] = version
     if snapshot is None:
@@ -290,6 +291,7 @@ def poll_training(seen: dict | None):
             train=gr.update(interactive=True),
             resume=gr.update(interactive=True),
             interrupt=gr.update(interactive=False),
+            norm_plot=gr.update(),
             seen=seen,
         )
     running = snapshot["running"]
@@ -300,12 +302,18 @@ def poll_training(seen: dict | None):
         point for point in snapshot["losses"] if start is None or point[0] > start
     ]
     previews = list(dict.fromkeys([*earlier_previews, *snapshot["previews"]]))
-    plot, gallery = gr.update(), gr.update()
+    plot, gallery, norm_plot = gr.update(), gr.update(), gr.update()
     keep_last_run = never_started and not running and not fresh_page  # refused or failed before its first step
     if not keep_last_run:
         if len(losses) != seen.get("losses") or not running:
             seen["losses"] = len(losses)
             plot = loss_frame(losses)
+        norms = snapshot.get("norm_ratios") or []  # this run's steps (loss.csv keeps no norms)
+        if len(norms) != seen.get("norms") or not running:
+            from ti_core.editability import NORM_WARNING_RATIO
+
+            seen["norms"] = len(norms)
+            norm_plot = norm_frame(norms, NORM_WARNING_RATIO)
         if len(previews) != seen.get("previews"):
             seen["previews"] = len(previews)
             gallery = _preview_items(previews)
@@ -327,6 +335,7 @@ def poll_training(seen: dict | None):
         train=gr.update(interactive=not running),
         resume=gr.update(interactive=not running),
         interrupt=gr.update(interactive=running),
+        norm_plot=norm_plot,
         seen=seen,
     )
 
@@ -430,13 +439,30 @@ def scan_action(folder: str, recursive: bool, resolution: float, buckets: bool):
     return "".join(status_html(line, kind) for line in lines), gr.update(value=thumbs, visible=True)
 
 
+_norms_cache: dict[int, dict[str, float]] = {}
+
+
+def _vocabulary_norms(model) -> dict[str, float] | None:
+    """The loaded model's vocabulary mean norms, once per model (the cards' norm ratios)."""
+    from ti_core.editability import vocabulary_mean_norms
+
+    if model is None:
+        return None
+    key = id(model.encoders[0].model)
+    if key not in _norms_cache:
+        _norms_cache.clear()
+        _norms_cache[key] = vocabulary_mean_norms(model)
+    return _norms_cache[key]
+
+
 def library_action(backend: Backend):
     """Refresh of the Embeddings tab: cards and the inspect picker."""
     from ti_core.formats import list_embeddings
 
     model = backend.loaded_model()
     widths = model.widths if model is not None else None
-    cards = [card_info(path, widths) for path in list_embeddings(backend.embeddings_dir)]
+    norms = _vocabulary_norms(model)
+    cards = [card_info(path, widths, norms) for path in list_embeddings(backend.embeddings_dir)]
     names = sorted({card.name for card in cards if not card.error}, key=str.lower)
     return cards_html(cards, backend.model_label()), gr.update(choices=names, value=names[0] if names else None)
 

@@ -45,3 +45,19 @@ def loss_frame(losses: Sequence[Sequence[float]], limit: int = LOSS_PLOT_STEPS):
     rows = [(steps[i], float(f"{values[i]:.4g}"), CURVES[0]) for i in keep]
     rows += [(steps[i], float(f"{smoothed[i]:.4g}"), CURVES[1]) for i in keep]
     return pd.DataFrame(rows, columns=["step", "loss", "curve"])
+
+
+NORM_CURVES = ("largest vector", "warning threshold")
+
+
+def norm_frame(ratios: Sequence[Sequence[float]], threshold: float, limit: int = LOSS_PLOT_STEPS):
+    """The vectors' norm as a multiple of the vocabulary's mean against step, with the warning threshold as a
+    flat line, as (step, norm, curve) rows; None before the first step."""
+    import pandas as pd
+
+    if not ratios:
+        return None
+    keep = _thinned(len(ratios), limit)
+    rows = [(int(ratios[i][0]), float(f"{float(ratios[i][1]):.4g}"), NORM_CURVES[0]) for i in keep]
+    rows += [(int(ratios[i][0]), float(threshold), NORM_CURVES[1]) for i in (keep[0], keep[-1])]
+    return pd.DataFrame(rows, columns=["step", "norm", "curve"])

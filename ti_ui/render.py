@@ -85,10 +85,14 @@ def progress_html(snapshot: dict | None) -> str:
         parts.append(f"validation loss {snapshot['validation_loss']:.4f}")
     if snapshot.get("lr") is not None:
         parts.append(f"lr {snapshot['lr']:.3g}")
+    if snapshot.get("norm_ratio") is not None:
+        parts.append(f"norm {snapshot['norm_ratio']:.2f}× the vocabulary's")
     state = "running" if snapshot.get("running") else (snapshot.get("stopped") or "finished")
     # While running, the trainer's latest message ("Saved …", "Preview …"); at the end the status line has it.
     message = snapshot.get("message") if snapshot.get("running") else ""
     message = f'<div class="ti-progress-message">{html.escape(message)}</div>' if message else ""
+    if snapshot.get("warning"):  # stays on screen for the rest of the run and after it
+        message += f'<div class="ti-progress-message ti-norm-high">{html.escape(snapshot["warning"])}</div>'
     return (
         f'<div class="ti-progress ti-{html.escape(state)}">'
         f'<div class="ti-progress-bar" role="progressbar" aria-valuemin="0" aria-valuemax="{total}" '
@@ -113,6 +117,7 @@ class CardInfo:
     base_model: str = ""
     fits: bool | None = None  # None: no model to compare with
     fit_text: str = ""
+    norm_ratio: float | None = None  # the largest vector norm / the vocabulary's mean (None: not known)
     preview: Path | None = None
     error: str = ""
 
@@ -132,21 +137,30 @@ def preview_path(path: Path) -> Path | None:
 _card_cache: dict[str, tuple[tuple, CardInfo]] = {}
 
 
-def card_info(path: Path, model_widths: dict[str, int] | None) -> CardInfo:
+def card_info(
+    path: Path, model_widths: dict[str, int] | None, vocabulary_norms: dict[str, float] | None = None
+) -> CardInfo:
     """The card of one embedding file, read again only when the file changed (a refresh of a big folder
     is then cheap). The preview image is looked up every time: training writes it after the file."""
     try:
         stat = path.stat()
     except OSError:
-        return _read_card(path, model_widths)
-    key = (stat.st_mtime_ns, stat.st_size, tuple(sorted((model_widths or {}).items())))
+        return _read_card(path, model_widths, vocabulary_norms)
+    key = (
+        stat.st_mtime_ns,
+        stat.st_size,
+        tuple(sorted((model_widths or {}).items())),
+        tuple(sorted((vocabulary_norms or {}).items())),
+    )
     cached = _card_cache.get(str(path))
     if cached is None or cached[0] != key:
-        cached = _card_cache[str(path)] = (key, _read_card(path, model_widths))
+        cached = _card_cache[str(path)] = (key, _read_card(path, model_widths, vocabulary_norms))
     return dataclasses.replace(cached[1], preview=preview_path(path))
 
 
-def _read_card(path: Path, model_widths: dict[str, int] | None) -> CardInfo:
+def _read_card(
+    path: Path, model_widths: dict[str, int] | None, vocabulary_norms: dict[str, float] | None = None
+) -> CardInfo:
     """Read one embedding file for its card; a file that cannot be read becomes a card with the reason."""
     from ti_core.formats import load_embedding
     from ti_core.inspect import architecture_guess
@@ -162,6 +176,11 @@ def _read_card(path: Path, model_widths: dict[str, int] | None) -> CardInfo:
     card.base_model = embedding.metadata.get("base_model") or embedding.metadata.get("sd_checkpoint_name") or ""
     if model_widths is not None:
         card.fits, card.fit_text = _fit(path, embedding, model_widths)
+    # The loaded model's vocabulary when the vectors fit it, else the one the file was trained with.
+    from ti_core.editability import largest_norm_ratio, recorded_mean_norms
+
+    mean_norms = vocabulary_norms if card.fits and vocabulary_norms else recorded_mean_norms(embedding.metadata)
+    card.norm_ratio = largest_norm_ratio(embedding.vectors, mean_norms)
     return card
 
 
@@ -236,12 +255,22 @@ def _card_html(card: CardInfo) -> str:
     fit_text = card.fit_text or "no model loaded to compare with"
     meta = f"{card.vectors} vector{'s' if card.vectors != 1 else ''} · step {card.step}"
     origin = " · ".join(part for part in (card.architecture, card.base_model and f"base {card.base_model}") if part)
+    norm = ""
+    if card.norm_ratio is not None:
+        from ti_core.editability import NORM_WARNING_RATIO
+
+        high = card.norm_ratio > NORM_WARNING_RATIO
+        title = "may overpower other words in prompts" if high else "within a word's scale"
+        norm = (
+            f'<span class="ti-card-meta ti-card-norm{" ti-norm-high" if high else ""}" title="{title}">'
+            f"norm {card.norm_ratio:.1f}× the vocabulary's</span>"
+        )
     return (
         f'<button type="button" class="ti-card {fit_class}" role="listitem" data-ti-name="{name}" '
         f'title="Add {name} to the prompt (click again to remove it)">'
         f'{picture}<span class="ti-card-name">{name}</span>'
         f'<span class="ti-card-meta">{html.escape(meta)}</span>'
-        f'<span class="ti-card-meta">{html.escape(origin)}</span>'
+        f'<span class="ti-card-meta">{html.escape(origin)}</span>{norm}'
         f'<span class="ti-card-fit">{html.escape(fit_text)}</span></button>'
     )
 
@@ -255,18 +284,24 @@ def embedding_names(embeddings_dir: Path) -> list[str]:
 
 def inspect_html(path: Path, model: TIModel) -> str:
     """Norms per vector and, with a model, the nearest vocabulary tokens, as an HTML table."""
+    from ti_core.editability import recorded_mean_norms
     from ti_core.formats import load_embedding
-    from ti_core.inspect import nearest_tokens
+    from ti_core.inspect import model_norm_ratios, nearest_tokens, rounded_ratios
 
     embedding = load_embedding(path, widths=model.widths if model is not None else None)
     nearest = nearest_tokens(model, embedding) if model is not None else {}
+    ratio_rows = (model_norm_ratios(model, embedding) if model is not None else {}) or rounded_ratios(
+        embedding, recorded_mean_norms(embedding.metadata)
+    )
     rows = []
     for key, tensor in embedding.vectors.items():
         norms = tensor.float().norm(dim=1).tolist()
+        ratios = ratio_rows.get(key, [None] * len(norms))
         for index, norm in enumerate(norms):
             tokens = ", ".join(f"{token} ({score:.2f})" for token, score in nearest.get(key, [[]] * len(norms))[index])
             rows.append(
                 f"<tr><td>{html.escape(key)}</td><td>{index}</td><td>{norm:.4f}</td>"
+                f"<td>{'–' if ratios[index] is None else f'{ratios[index]:.2f}×'}</td>"
                 f"<td>{html.escape(tokens or '–')}</td></tr>"
             )
     note = "" if model is not None else "<p>Load a model to see the nearest vocabulary tokens.</p>"
@@ -275,7 +310,7 @@ def inspect_html(path: Path, model: TIModel) -> str:
         f"{html.escape(describe_widths(embedding.widths))} · {html.escape(str(path))}</p>{note}"
     )
     table = (
-        '<table class="ti-inspect"><thead><tr><th>encoder</th><th>vector</th><th>norm</th>'
+        '<table class="ti-inspect"><thead><tr><th>encoder</th><th>vector</th><th>norm</th><th>× vocabulary</th>'
         f"<th>nearest tokens (cosine)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
     return head + table

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-EventKind = Literal["start", "step", "preview", "snapshot", "validation", "done", "interrupted", "error"]
+EventKind = Literal["start", "step", "warning", "preview", "snapshot", "validation", "done", "interrupted", "error"]
 Stopped = Literal["done", "interrupted", "nan", "error"]
 
 
 @dataclass
 class TrainEvent:
-    """A progress report for the callback. kind: start, step, preview, snapshot, validation, done,
+    """A progress report for the callback. kind: start, step, warning, preview, snapshot, validation, done,
     interrupted or error; fields that do not apply to a kind are None."""
 
     kind: EventKind
@@ -28,6 +28,7 @@ class TrainEvent:
     image: Any = None  # PIL.Image for "preview"
     message: str = ""
     outputs_seconds: float | None = None  # "step": time spent on snapshots, validation and previews so far
+    norm_ratio: float | None = None  # "step": the largest vector norm as a multiple of the vocabulary's mean
 
 
 @dataclass

@@ -17,13 +17,14 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..config import TrainConfig
 from ..data import encode_dataset, load_template, render_prompt, scan_images
+from ..editability import RunEditability, norm_warning, resolve_method
 from ..prompt import PromptTokenCache
 from ..schedule import learning_rate_at, parse_schedule
 from ..timodel import TIModel
@@ -100,6 +101,8 @@ class _RunState:
     step: int
     good: dict[str, torch.Tensor]  # the last finite vectors, saved on any stop
     good_step: int
+    editability: RunEditability
+    warned: bool = False  # the norm warning is given once per run
 
 
 def _prepare(model: TIModel, config: TrainConfig, run: RunFolder, procs: Processes, emit, device, half) -> _RunState:
@@ -108,12 +111,21 @@ def _prepare(model: TIModel, config: TrainConfig, run: RunFolder, procs: Process
     with procs.main_first():  # the main process converts a resumed .pt first; the others then read that
         embedding, adopted = starting_embedding(model, config, run if procs.is_main else None)
     start = embedding.step
+    # Editability hook: "auto" resolved (a resumed run keeps its method), recorded in settings.json and the file.
+    config = run.config = replace(
+        config, method=resolve_method(config.method, start, embedding.metadata.get("training_settings"))
+    )
     with procs.main_first():  # the main process fills the latent cache; the others then read it
         dataset = _encode_images(model, config, run, device)
     template = load_template(config.data.template)
 
     # Parameters: only the vectors, in float32 whatever the model's dtype.
     vectors = {key: torch.nn.Parameter(tensor.to(device, torch.float32)) for key, tensor in embedding.vectors.items()}
+    # Editability hook: the method's anchors, and a new run's start (on the sphere, or CrossInit's).
+    init_text = embedding.metadata.get("init_text", config.init_text)
+    editability = RunEditability(model, config, init_text, embedding.num_vectors)
+    if start == 0:
+        editability.start(vectors)
 
     # Optimizer, schedule and the fixed parts of the loss.
     optimizer = _adamw(list(vectors.values()), device)
@@ -128,7 +140,7 @@ def _prepare(model: TIModel, config: TrainConfig, run: RunFolder, procs: Process
         model, config, run, procs, embedding, emit, noise_scheduler,
         validation=validation_set(dataset, template, config, device) if config.validation_every else [],
         preview_prompt=config.preview_prompt or default_preview_prompt(dataset, template, config),
-        half=half,
+        half=half, vocabulary_norms=editability.mean_norms,
     )  # fmt: skip
     run.begin(start)
     message = _start_message(config, len(dataset), procs.world, start, resume_note)
@@ -138,7 +150,7 @@ def _prepare(model: TIModel, config: TrainConfig, run: RunFolder, procs: Process
     return _RunState(
         model, config, run, procs, emit, device, half, vectors, optimizer, scaler, schedule, noise_scheduler,
         norm_limits, tokenize, template, outputs, stream, Clock(start, config.steps),
-        step=start, good=detached(vectors), good_step=start,
+        step=start, good=detached(vectors), good_step=start, editability=editability,
     )  # fmt: skip
 
 
@@ -156,7 +168,9 @@ def _train_steps(state: _RunState, cancel) -> tuple[str, str]:
         # Checked before the optimizer step, so a diverged step never reaches the vectors.
         if not math.isfinite(loss):
             return "nan", f"the loss became {loss} at step {state.step + 1}"
+        state.editability.before_step(vectors)  # editability hook: directional keeps the gradients' tangent part
         _optimizer_step(state.optimizer, state.scaler, vectors, procs, config)
+        state.editability.after_step(vectors)  # editability hook: directional steps back onto the sphere
         control_norms(vectors, state.norm_limits)
         if not all(torch.isfinite(tensor).all() for tensor in vectors.values()):
             return "nan", f"the vectors became infinite or NaN at step {state.step + 1}"
@@ -165,15 +179,24 @@ def _train_steps(state: _RunState, cancel) -> tuple[str, str]:
         clock = state.clock
         clock.tick(state.step)
         state.run.log_loss(state.step, epoch, loss, lr, clock.elapsed)
-        state.emit(
-            TrainEvent(
-                "step", state.step, config.steps, loss, lr, clock.rate, clock.eta, epoch,
-                outputs_seconds=clock.outputs_seconds,
-            )
-        )  # fmt: skip
+        _report_step(state, epoch, loss, lr)
         with clock.outside_steps():
             state.outputs.periodic(vectors, state.step)
     return "done", ""
+
+
+def _report_step(state: _RunState, epoch: int, loss: float, lr: float) -> None:
+    config, clock = state.config, state.clock
+    ratio = state.editability.norm_ratio(state.vectors)
+    state.emit(
+        TrainEvent(
+            "step", state.step, config.steps, loss, lr, clock.rate, clock.eta, epoch,
+            outputs_seconds=clock.outputs_seconds, norm_ratio=ratio,
+        )
+    )  # fmt: skip
+    if not state.warned and (warning := norm_warning(ratio)):  # editability hook: once per run
+        state.warned = True
+        state.emit(TrainEvent("warning", state.step, config.steps, norm_ratio=ratio, message=warning))
 
 
 def _accumulated_loss(state: _RunState) -> tuple[int, float]:
@@ -186,7 +209,11 @@ def _accumulated_loss(state: _RunState) -> tuple[int, float]:
         tokens = state.tokenize(prompts)
         with autocast(state.device, state.half):
             value = batch_loss(state.model, state.noise_scheduler, state.vectors, batch, tokens, noise_rng, config)
-        state.scaler.scale(value / config.gradient_accumulation).backward()
+            # Editability hook: the method's loss terms (the logged loss is the diffusion loss alone).
+            extra = state.editability.loss(
+                state.model, state.tokenize, state.vectors, state.step, micro, state.procs.rank, len(prompts)
+            )
+        state.scaler.scale((value + extra) / config.gradient_accumulation).backward()
         loss += value.item() / config.gradient_accumulation
     return epoch, state.procs.mean(loss)
 
@@ -273,4 +300,5 @@ def _start_message(config: TrainConfig, images: int, processes: int, start: int,
     where = f" on {processes} processes" if processes > 1 else ""
     begin = f"from step {start}" if start else "from the start"
     note = f"; {resume_note}" if resume_note else ""
-    return f"Training {config.name} on {images} images{where}, {begin} to step {config.steps}{note}"
+    method = f"; method: {config.method}" if config.method != "plain" else ""
+    return f"Training {config.name} on {images} images{where}, {begin} to step {config.steps}{note}{method}"

@@ -7,7 +7,7 @@ import itertools
 import json
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -121,6 +121,7 @@ class Outputs:
     validation: list[ValidationSample]
     preview_prompt: str
     half: torch.dtype | None
+    vocabulary_norms: dict[str, float] = field(default_factory=dict)
 
     def at(self, vectors, step: int) -> Embedding:
         """The embedding with these vectors at this step, with what the web UIs and a re-run need to know."""
@@ -132,6 +133,8 @@ class Outputs:
             "base_model_hash": model.shorthash() or "",
             "architecture": model.architecture,
             "init_text": self.embedding.metadata.get("init_text", config.init_text),
+            # Editability hook: the scale of a word, so a file's norms read as multiples of it without the model.
+            "vocabulary_norms": json.dumps({key: round(norm, 6) for key, norm in self.vocabulary_norms.items()}),
         }
         tensors = {key: tensor.detach().float().cpu() for key, tensor in vectors.items()}
         return Embedding(name=config.name, vectors=tensors, step=step, metadata=metadata)

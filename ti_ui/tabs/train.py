@@ -15,7 +15,7 @@ from ti_core.settings import Setting
 from ..actions import PollUpdate, dropdown_names, interrupt_training, poll_training, scan_action, start_training
 from ..backend import Backend
 from ..compat import make_component, poll_every_second, refresh_button
-from ..plot import CURVES
+from ..plot import CURVES, NORM_CURVES
 from ..render import embedding_names, progress_html
 
 
@@ -36,6 +36,12 @@ ROWS = (
     ("preview_prompt", "preview_seed"),
 )
 ADVANCED_ROWS = (("warmup_steps", "grad_clip", "grad_clip_value", "seed"),)
+EDITABILITY_ROWS = (("method",), ("direction_prior", "cross_init_weight", "context_regularization"))
+METHOD_INFO = (
+    "plain: Textual Inversion as everyone trains it (its norm grows and can overpower prompts) · directional: the "
+    "norm stays a word's, only the direction is trained · cross_init: starts from the text encoder's output for "
+    "the init text · auto: directional for a new embedding, a resumed one keeps its own"
+)
 DATASET_ROW = ("data.images", "data.recursive")  # beside the dataset's Preview button
 
 
@@ -83,6 +89,7 @@ def _tab_overrides(backend: Backend) -> dict[str, tuple[type | None, dict[str, A
         "data.resolution": (None, {"value": backend.default_resolution()}),
         "mixed_precision": (None, {"value": _precision_default(backend)}),
         "grad_clip": (gr.Radio, {}),
+        "method": (gr.Radio, {"info": METHOD_INFO}),
         "preview_prompt": (None, {"scale": 3}),
     }
 
@@ -97,7 +104,7 @@ def _setting_rows(backend: Backend, rows, advanced_rows) -> dict[str, Any]:
     """The setting fields (but the dataset row's), by setting key, in their rows and the Advanced accordion."""
     overrides = _tab_overrides(backend)
     shown = {item.key: item for item in tab_settings()}
-    placed = {key for row in (*rows, *advanced_rows, DATASET_ROW) for key in row}
+    placed = {key for row in (*rows, *advanced_rows, *EDITABILITY_ROWS, DATASET_ROW) for key in row}
     extra = [key for key in shown if key not in placed]
     basic = [*rows, *((key,) for key in extra if not shown[key].advanced)]
     advanced = [*advanced_rows, *((key,) for key in extra if shown[key].advanced)]
@@ -105,6 +112,10 @@ def _setting_rows(backend: Backend, rows, advanced_rows) -> dict[str, Any]:
     for row in basic:
         with gr.Row():
             fields.update((key, _setting_component(shown[key], overrides)) for key in row if key in shown)
+    with make_component(gr.Accordion, label="Editability", open=False, elem_id="ti_train_editability"):
+        for row in EDITABILITY_ROWS:
+            with gr.Row():
+                fields.update((key, _setting_component(shown[key], overrides)) for key in row if key in shown)
     with make_component(gr.Accordion, label="Advanced", open=False, elem_id="ti_train_advanced"):
         for row in advanced:
             with gr.Row():
@@ -173,6 +184,7 @@ def train_tab(demo, backend: Backend):
             status = make_component(gr.HTML, value="", elem_id="ti_train_status")
             progress = make_component(gr.HTML, value=progress_html(None), elem_id="ti_train_progress")
             plot = _loss_plot()
+            norm_plot = _norm_plot()
             previews = make_component(
                 gr.Gallery, label="Previews", columns=4, height=260, object_fit="contain", elem_id="ti_train_previews"
             )
@@ -183,7 +195,7 @@ def train_tab(demo, backend: Backend):
     interrupt.click(interrupt_training, None, status)
     seen = gr.State({})
     by_name = {"progress": progress, "plot": plot, "previews": previews, "status": status, "result": result}
-    by_name.update(train=train, resume=resume, interrupt=interrupt, seen=seen)
+    by_name.update(train=train, resume=resume, interrupt=interrupt, norm_plot=norm_plot, seen=seen)
     outputs = [by_name[name] for name in PollUpdate._fields]
     poll_every_second(_poll_values, [seen], outputs, elem_id="ti_train_poll")
     return embedding
@@ -212,6 +224,30 @@ def _loss_plot():
         label="Loss",
         show_label=False,
         elem_id="ti_train_loss_plot",
+    )
+
+
+def _norm_plot():
+    """The largest vector's norm as a multiple of the vocabulary's mean, with the warning threshold."""
+    return make_component(
+        gr.LinePlot,
+        value=None,
+        x="step",
+        y="norm",
+        color="curve",
+        color_map={NORM_CURVES[0]: "#1f4fbf", NORM_CURVES[1]: "#d98200"},
+        x_title="step",
+        y_title="norm / vocabulary mean",
+        tooltip=["step", "norm", "curve"],
+        color_legend_title=" ",
+        color_title=" ",
+        color_legend_position="bottom",
+        overlay_point=False,
+        width=400,
+        height=160,
+        label="Vector norm",
+        show_label=False,
+        elem_id="ti_train_norm_plot",
     )
 
 
