@@ -36,12 +36,22 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None
     parser.add_argument("--model", required=required, help="diffusers folder, .safetensors/.ckpt file or hub id")
     parser.add_argument("--model-config", help="diffusers-format config folder for a single-file checkpoint")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="override the model's")
+    parser.add_argument(
+        "--zero-terminal-snr",
+        action=argparse.BooleanOptionalAction,
+        help="the model was trained with zero-terminal-SNR betas (default: what the checkpoint says)",
+    )
 
 
 def load_model_from_args(args):
     from .models import load_model
 
-    return load_model(args.model, config=args.model_config, prediction_type=args.prediction_type)
+    return load_model(
+        args.model,
+        config=args.model_config,
+        prediction_type=args.prediction_type,
+        zero_terminal_snr=getattr(args, "zero_terminal_snr", None),
+    )
 
 
 def run_command(build_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None = None) -> int:

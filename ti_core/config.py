@@ -162,7 +162,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a JSON-style dict (as written by `to_dict`); unknown keys are an error."""
+        """Build from a JSON-style dict (as written by `to_dict`); unknown keys are an error. A run's
+        settings.json also records its model (`"model"`: what it was trained against), which is not a setting."""
+        values = {key: value for key, value in values.items() if key != "model"}
         _reject_unknown(cls, values, "training setting")
         return cls(**values)
 

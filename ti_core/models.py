@@ -11,6 +11,7 @@ from .demo import build_demo_model, is_demo
 from .shared_weights import model_from_tensors, original_config_from_yaml
 from .single_file import load_single_file, read_state_dict, sidecar_prediction_type
 from .timodel import SINGLE_FILE_SUFFIXES, ModelLoadError, TextEncoder, TIModel, architecture_of, from_pipeline
+from .zero_snr import file_zero_terminal_snr, with_zero_terminal_snr
 
 __all__ = [
     "SINGLE_FILE_SUFFIXES",
@@ -35,14 +36,23 @@ def load_model(
     *,
     config: str | Path | None = None,
     prediction_type: str | None = None,
+    zero_terminal_snr: bool | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> TIModel:
     """Load a diffusers folder, a single-file checkpoint (.safetensors/.ckpt) or, online, a hub id.
 
     ``config`` overrides the diffusers-format config folder used for single files (the built-in
-    SD1/SD2/SDXL skeletons by default); ``prediction_type`` ("epsilon" or "v_prediction") overrides
-    what the checkpoint implies. ``demo:tiny-sd1`` (ti_core.demo.DEMO_MODEL_ID) is the demo model.
+    SD1/SD2/SDXL skeletons by default); ``prediction_type`` ("epsilon" or "v_prediction") and
+    ``zero_terminal_snr`` (ti_core.zero_snr) override what the checkpoint implies. ``demo:tiny-sd1``
+    (ti_core.demo.DEMO_MODEL_ID) is the demo model.
     """
+    model = _load_model(source, config, prediction_type, zero_terminal_snr, dtype)
+    if zero_terminal_snr is not None:
+        model.scheduler = with_zero_terminal_snr(model.scheduler, zero_terminal_snr)
+    return model
+
+
+def _load_model(source, config, prediction_type: str | None, zero_terminal_snr: bool | None, dtype) -> TIModel:
     if is_demo(source):
         return build_demo_model()
     if prediction_type not in (None, "epsilon", "v_prediction"):
@@ -52,7 +62,9 @@ def load_model(
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"{path}: not a model checkpoint (expected .safetensors or .ckpt)")
         try:
-            pipeline = load_single_file(path, config=config, prediction_type=prediction_type, dtype=dtype)
+            pipeline = load_single_file(
+                path, config=config, prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr, dtype=dtype
+            )
         except ModelLoadError as error:
             original_config = path.with_suffix(".yaml")
             if config is not None or not error.fits_no_config or not original_config.is_file():
@@ -93,6 +105,9 @@ def _from_original_config(path: Path, original_config: Path, prediction_type: st
         original_config=config,
     )
     model.shares_weights = False  # read from the file for this model alone
+    zero_snr = file_zero_terminal_snr(path, state_dict.keys(), _metadata)
+    if zero_snr is not None:
+        model.scheduler = with_zero_terminal_snr(model.scheduler, zero_snr)
     return model
 
 

@@ -35,6 +35,7 @@ from .checkpoints import (
 )
 from .safe_pickle import CHECKPOINTS, RefusedGlobal, load_pickle
 from .timodel import ModelLoadError
+from .zero_snr import file_zero_terminal_snr, with_zero_terminal_snr
 
 # --------------------------------------------------------------------------------------------------
 # Safe .ckpt reading
@@ -270,12 +271,14 @@ def load_single_file(
     *,
     config: str | Path | None = None,
     prediction_type: str | None = None,
+    zero_terminal_snr: bool | None = None,
     dtype: torch.dtype = torch.float32,
 ):
     """A diffusers StableDiffusion(XL)Pipeline from a single-file SD1/SD2/SDXL checkpoint, offline.
 
     Prediction type: ``prediction_type`` > a ``<stem>.yaml`` beside the file > a ``v_pred`` key or
     model-spec metadata > (SD2 without ``config`` only) A1111's one-step UNet test > the config's.
+    Zero terminal SNR (ti_core.zero_snr): ``zero_terminal_snr`` > the yaml > a ``ztsnr`` key or metadata.
     """
     path = Path(path)
     if prediction_type not in (None, *PREDICTION_TYPES):
@@ -314,4 +317,9 @@ def load_single_file(
     pipeline = _build_pipeline(path, state_dict, architecture, folder, dtype, unet=unet)
     if predicted:
         pipeline.scheduler.register_to_config(prediction_type=predicted)
+    zero_snr = (
+        zero_terminal_snr if zero_terminal_snr is not None else file_zero_terminal_snr(path, state_dict, metadata)
+    )
+    if zero_snr is not None:
+        pipeline.scheduler = with_zero_terminal_snr(pipeline.scheduler, zero_snr)
     return pipeline

@@ -68,6 +68,11 @@ class TIModel:
         return self.scheduler.config.get("prediction_type", "epsilon")
 
     @property
+    def zero_terminal_snr(self) -> bool:
+        """Trained on betas rescaled to zero terminal SNR (ti_core.zero_snr): its schedulers rescale too."""
+        return bool(self.scheduler.config.get("rescale_betas_zero_snr", False))
+
+    @property
     def resolution(self) -> int:
         """The native training/preview resolution in pixels."""
         return self.unet.config.sample_size * self.vae_scale_factor

@@ -34,7 +34,7 @@ from .loss import batch_loss, control_norms, noise_scheduler_for, step_generator
 from .outputs import Outputs, default_preview_prompt, detached, validation_set
 from .patching import autocast, training_mode
 from .processes import Processes
-from .run_folder import RunFolder
+from .run_folder import RunFolder, model_facts
 from .start import starting_embedding
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: cuda only
@@ -142,6 +142,7 @@ def _prepare(model: TIModel, config: TrainConfig, run: RunFolder, procs: Process
         preview_prompt=config.preview_prompt or default_preview_prompt(dataset, template, config),
         half=half, vocabulary_norms=editability.mean_norms,
     )  # fmt: skip
+    run.model_facts = model_facts(model)
     run.begin(start)
     message = _start_message(config, len(dataset), procs.world, start, resume_note)
     emit(TrainEvent("start", start, config.steps, message=message))

@@ -117,7 +117,11 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, v_pr
     so that easy low-noise timesteps stop dominating the gradient."""
     alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alphas / (1 - alphas)
-    return snr.clamp(max=gamma) / (snr + 1 if v_prediction else snr)
+    if v_prediction:
+        return snr.clamp(max=gamma) / (snr + 1)
+    # min(SNR, γ)/SNR written without the division where SNR <= γ: a zero-terminal-SNR model's last
+    # timestep has SNR 0, where the quotient would be 0/0.
+    return torch.where(snr > gamma, gamma / snr.clamp(min=gamma), torch.ones_like(snr))
 
 
 def control_norms(vectors: Mapping[str, torch.Tensor], limits: Mapping[str, float]) -> None:

@@ -24,6 +24,17 @@ CSV_COLUMNS = ("step", "epoch", "loss", "learning_rate", "seconds", "validation_
 CSV_FLUSH_EVERY = 100  # steps; loss.csv is rewritten whole (atomically), so not every step
 
 
+def model_facts(model) -> dict[str, Any]:
+    """What settings.json records of the model: not settings (the model is chosen outside the run), but what
+    the run's results depend on."""
+    return {
+        "source": model.source,
+        "architecture": model.architecture,
+        "prediction_type": model.prediction_type,
+        "zero_terminal_snr": model.zero_terminal_snr,
+    }
+
+
 class RunFolder:
     """`<log_dir>/<name>/`: snapshots, preview images, loss.csv, settings.json, the optimizer state, the
     lock and the latent cache. Only the main process writes, and every file is written atomically."""
@@ -34,6 +45,7 @@ class RunFolder:
         self.rows: list[dict[str, Any]] = []
         self.best = math.inf
         self.seconds_before = 0.0
+        self.model_facts: dict[str, Any] = {}  # what the run trains against, recorded beside its settings
 
     name = property(lambda self: self.config.name)
     cache_dir = property(lambda self: self.folder / "latents")
@@ -66,7 +78,7 @@ class RunFolder:
         """settings.json, and the loss log of a resumed run kept up to its step."""
         if not self.write:
             return
-        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
+        text = json.dumps({**self.config.to_dict(), "model": self.model_facts}, indent=2) + "\n"
         atomic_write(self.folder / "settings.json", lambda temp: temp.write_text(text, encoding="utf-8"))
         if self.config.resume and self.csv_path.is_file():
             with open(self.csv_path, newline="", encoding="utf-8") as handle:
