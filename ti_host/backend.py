@@ -14,7 +14,7 @@ from ti_core.jobs import TrainingJob, current_job
 from ti_ui.backend import Backend
 
 from . import dependencies, sdnext, settings
-from .context import Watcher, host_job, host_model_freed, queue_slot
+from .context import host_job, host_model_freed, queue_slot
 from .host import Host, default_mixed_precision
 
 log = logging.getLogger("ti_host")
@@ -264,8 +264,8 @@ class HostBackend(Backend):
     def training_context(self) -> Iterator[None]:
         """Wraps a run on its thread: the web UI's queue slot, its job state, and its model off the GPU.
 
-        Works whoever started the job (the UI or the HTTP route): a watcher thread mirrors the current
-        job's progress into `shared.state` and turns the web UI's Interrupt button into `job.cancel()`.
+        Works whoever started the job (the UI or the HTTP route): the progress mirror (`Backend.mirrored`)
+        copies the job's progress into `shared.state` and turns the web UI's Interrupt button into `job.cancel()`.
         """
         job = current_job()
 
@@ -273,20 +273,12 @@ class HostBackend(Backend):
             # Not shared.state.interrupted: while we wait, that belongs to the generation we wait for.
             return job is not None and job.cancelled
 
-        def tick() -> None:
-            running = current_job()
-            if running is None:
-                return
-            self.report(running.snapshot())
-            if self.interrupt_requested() and running.running and not running.cancelled:
-                running.cancel()
-
         waiting = lambda: self._say("Waiting for the web UI's current job to finish…")  # noqa: E731
         with queue_slot(self.host, cancelled, waiting) as slot:
             if not slot:  # interrupted while waiting: the job sees its cancel and stops before loading
                 yield
                 return
-            with host_job(self.host), Watcher(tick), self.host.model_for_training():
+            with host_job(self.host), self.mirrored(), self.host.model_for_training():
                 # Training on the web UI's own tensors leaves its model where it is; only a copy loaded
                 # from the file needs the room on the GPU that the web UI's model takes.
                 pipeline = self.host.loaded_model()

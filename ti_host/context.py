@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from .host import MEMORY_MANAGERS, Host
 
@@ -131,31 +129,3 @@ def host_model_freed(host: Host, before_restore: Callable[[], None] = lambda: No
             to_device(model)
         elif how == "reloaded":
             reload()
-
-
-class Watcher:
-    """A thread that, while a run lasts, mirrors its progress into the web UI and turns the web UI's
-    Interrupt into a cancel. Runs beside the trainer so it works whoever started the job."""
-
-    def __init__(self, tick: Callable[[], None], seconds: float = POLL_SECONDS) -> None:
-        self._tick = tick
-        self._seconds = seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ti-host-watcher", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._seconds):
-            try:
-                self._tick()
-            except Exception as error:  # a reporting glitch must never end the run
-                log.debug("watcher tick failed: %s", error)
-
-    def __enter__(self) -> Watcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        with contextlib.suppress(Exception):
-            self._tick()  # the final state, so the web UI does not stop one poll short

@@ -5,7 +5,7 @@ returns theirs (HTML from `render`, `gr.update(...)` for changes). Errors become
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -31,7 +31,6 @@ from .render import (
 
 if TYPE_CHECKING:
     from ti_core.timodel import TIModel
-    from ti_core.train.events import TrainEvent
 
 
 def _tokenizer(backend: Backend):
@@ -202,7 +201,7 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
         # only re-creates an embedding from the init text when told to overwrite it.
         config = TrainConfig.from_dict({**settings, "resume": True})
         _check_images(config)  # before the model loads, and before anything is written
-        TrainingJob.start(backend.current_model, config, _host_observer(backend), context=backend.training_context)
+        TrainingJob.start(backend.current_model, config, context=backend.training_context)
     except (ValueError, OSError, RuntimeError) as error:
         return error_html(error)
     verb = "Resuming" if resume else "Training"
@@ -216,20 +215,6 @@ def _check_images(config) -> None:
     scan = scan_images(config.data)
     if not scan.items:
         raise ValueError(f"no training images in {config.data.images}")
-
-
-def _host_observer(backend: Backend) -> Callable[[TrainEvent], None]:
-    """On every training event: mirror the progress into the host, and honour the host's Interrupt button."""
-
-    def on_event(_event: TrainEvent) -> None:
-        job = current_job()  # the job this event belongs to: one runs at a time
-        if job is None:
-            return
-        backend.report(job.snapshot())
-        if backend.interrupt_requested():
-            job.cancel()
-
-    return on_event
 
 
 def _require_file(backend: Backend, name: str) -> None:

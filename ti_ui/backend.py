@@ -6,14 +6,48 @@ No gradio here: the web-UI glue (ti_host) subclasses `Backend` without building 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+MIRROR_SECONDS = 0.25  # how often a run's progress reaches the host's progress bar
 
 NO_MODEL_HELP = (
     "No model is selected: pick one in the Model list above, or type the path of a .safetensors/.ckpt file, "
     "a diffusers folder or a hub id there."
 )
+
+
+class ProgressMirror:
+    """A thread that, while a run lasts, calls `tick` every `seconds`: beside the trainer, so it works whoever
+    started the job (the tab or a web UI's HTTP route), and before the first step too (a model loading)."""
+
+    def __init__(self, tick: Callable[[], None], seconds: float = MIRROR_SECONDS) -> None:
+        self._tick = tick
+        self._seconds = seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ti-progress-mirror", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._seconds):
+            try:
+                self._tick()
+            except Exception as error:  # a reporting glitch must never end the run
+                log.debug("progress mirror tick failed: %s", error)
+
+    def __enter__(self) -> ProgressMirror:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with contextlib.suppress(Exception):
+            self._tick()  # the final state, so the host does not stop one tick short
 
 
 class Backend:
@@ -68,11 +102,29 @@ class Backend:
         return None
 
     def training_context(self) -> AbstractContextManager:
-        """Wraps a whole training run (a host frees its own model from the GPU and restores it after)."""
-        return contextlib.nullcontext()
+        """Wraps a whole training run: its progress mirrored into the host (`mirrored`); a host also frees its
+        own model from the GPU and restores it after."""
+        return self.mirrored()
+
+    @contextlib.contextmanager
+    def mirrored(self) -> Iterator[None]:
+        """The one progress mirror: while a run lasts, `report` gets the job's snapshot four times a second and
+        the host's Interrupt button (`interrupt_requested`) cancels the run."""
+        with ProgressMirror(self._mirror_tick):
+            yield
+
+    def _mirror_tick(self) -> None:
+        from ti_core.jobs import current_job
+
+        running = current_job()
+        if running is None:
+            return
+        self.report(running.snapshot())
+        if self.interrupt_requested() and running.running and not running.cancelled:
+            running.cancel()
 
     def report(self, snapshot: dict) -> None:
-        """Called on every training event with `TrainingJob.snapshot()` (a host mirrors it in its progress)."""
+        """While a run lasts, four times a second, `TrainingJob.snapshot()` (a host mirrors it in its progress)."""
 
     def interrupt_requested(self) -> bool:
         """True when the host's own Interrupt button was pressed."""
