@@ -111,7 +111,24 @@ TAB_DEFAULTS = {
     "direction_prior": 0.0,
     "cross_init_weight": 1e-5,
     "context_regularization": 0.0,
+    "data.repeats": 1.0,
+    "data.alpha_weight": False,
+    "norm_control": 0.0,
+    "min_snr_gamma": 0.0,
+    "noise_offset": 0.0,
+    "timestep_min": 0.0,
+    "timestep_max": 1000.0,
+    "compile": False,
+    "cache_latents": True,
+    "validation_every": 0.0,
+    "validation_samples": 4.0,
+    "preview_negative_prompt": "",
+    "preview_guidance": 7.0,
+    "save_optimizer_state": True,
 }
+# The settings that say which run this is rather than how it trains: the tab takes them from the picked
+# embedding and the web UI's folders, or from its Train/Resume buttons.
+RUN_IDENTITY = {"name", "embeddings_dir", "log_dir", "resume", "overwrite", "init_text", "vectors"}
 
 
 def tab_values(**changes) -> list:
@@ -128,6 +145,54 @@ def test_train_tab_defaults_make_a_valid_config(tmp_path):
     )
     config = TrainConfig.from_dict(settings)
     assert (config.steps, config.data.resolution, config.embeddings_dir) == (2000, 512, tmp_path / "emb")
+
+
+def test_every_training_setting_has_a_train_tab_field(tmp_path):
+    """What the CLI can set, the tab can set: each declared setting but the run's identity is a field of the
+    built tab, under its own elem_id."""
+    from ti_core.config import declared
+
+    demo = extension.create_ui(extension.Backend(tmp_path / "emb", tmp_path / "log"))
+    built = elem_ids(demo)
+    missing = [item.key for item in declared() if item.key not in RUN_IDENTITY and item.elem_id not in built]
+    assert not missing, f"settings with no Train tab field: {missing}"
+    assert {item.key for item in declared()} - RUN_IDENTITY == set(extension.TRAIN_FIELDS)
+
+
+def test_advanced_fields_reach_the_training_config(tmp_path):
+    values = tab_values(
+        data__images=str(tmp_path),
+        min_snr_gamma=5.0,
+        noise_offset=0.05,
+        timestep_min=100.0,
+        timestep_max=900.0,
+        norm_control=2.5,
+        validation_every=50.0,
+        validation_samples=2.0,
+        preview_negative_prompt=" blurry ",
+        preview_guidance=4.5,
+        data__alpha_weight=True,
+        data__repeats=3.0,
+        compile=True,
+        cache_latents=False,
+        save_optimizer_state=False,
+    )
+    backend = extension.Backend(tmp_path / "emb", tmp_path / "log")
+    config = TrainConfig.from_dict(extension.train_settings(values, name="cat", backend=backend, resume=True))
+    assert (config.min_snr_gamma, config.noise_offset, config.timestep_min, config.timestep_max) == (5, 0.05, 100, 900)
+    assert (config.norm_control, config.validation_every, config.validation_samples) == (2.5, 50, 2)
+    assert (config.preview_negative_prompt, config.preview_guidance) == (" blurry ", 4.5)
+    assert (config.data.alpha_weight, config.data.repeats) == (True, 3)
+    assert (config.compile, config.cache_latents, config.save_optimizer_state) == (True, False, False)
+
+
+def test_a_bad_advanced_value_is_one_status_line(tiny_models, tmp_path):
+    backend = extension.Backend(tmp_path / "emb", tmp_path / "log")
+    save_embedding(create_embedding(tiny_models["sd1"], "cat", "cat", 1), tmp_path / "emb")
+    status = extension.start_training(
+        backend, False, "cat", *tab_values(data__images=str(tmp_path), noise_offset=-1.0)
+    )
+    assert status.startswith('<div class="ti-status ti-status-error">') and "noise_offset" in status
 
 
 def test_bad_settings_are_one_status_line(tiny_models, tmp_path):

@@ -179,7 +179,7 @@ def train_settings(values: Sequence[Any], *, name: str, backend: Backend, resume
     for key, value in pairs:
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # gradio 3 sliders and numbers give 8.0 for 8
-        if isinstance(value, str) and key != "preview_prompt":
+        if isinstance(value, str) and key not in ("preview_prompt", "preview_negative_prompt"):
             value = value.strip()
         if key.startswith("data."):
             settings["data"][key[5:]] = value

@@ -35,7 +35,14 @@ ROWS = (
     ("save_every", "preview_every", "preview_steps"),
     ("preview_prompt", "preview_seed"),
 )
-ADVANCED_ROWS = (("warmup_steps", "grad_clip", "grad_clip_value", "seed"),)
+ADVANCED_ROWS = (
+    ("warmup_steps", "grad_clip", "grad_clip_value", "seed"),
+    ("data.repeats", "data.alpha_weight", "norm_control"),
+    ("min_snr_gamma", "noise_offset", "timestep_min", "timestep_max"),
+    ("preview_negative_prompt", "preview_guidance"),
+    ("validation_every", "validation_samples"),
+    ("cache_latents", "compile", "save_optimizer_state"),
+)
 EDITABILITY_ROWS = (("method",), ("direction_prior", "cross_init_weight", "context_regularization"))
 METHOD_INFO = (
     "plain: Textual Inversion as everyone trains it (its norm grows and can overpower prompts) · directional: the "
