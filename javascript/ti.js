@@ -190,14 +190,18 @@
     // card lists are stale: A1111 builds their HTML once and rebuilds it only from its Refresh button,
     // which clicks a hidden button per list ("txt2img_textual_inversion_extra_refresh_internal", and
     // img2img's). Click those, as that Refresh does. A file was written when the Create status turns "ok",
-    // or when the Train tab's result box gets a path (it is empty while a run goes).
+    // or when the Train tab's result box gets a path (it is empty while a run goes), or a rename, delete or
+    // promoted snapshot says "ok".
     var lastWritten = null;
 
     function writtenNow() {
         var root = appRoot();
         var created = root.querySelector("#ti_create_status .ti-status-ok");
         var result = root.querySelector("#ti_train_result textarea, #ti_train_result input");
-        return {created: created ? created.textContent : "", trained: result ? result.value : ""};
+        // A rename, delete (Embeddings tab) or snapshot promoted (Train tab) says so in its own status.
+        var changed = root.querySelectorAll("#ti_embeddings_file_status .ti-status-ok, #ti_snapshot_status .ti-status-ok");
+        var files = Array.prototype.map.call(changed, function (element) { return element.textContent; }).join("\n");
+        return {created: created ? created.textContent : "", trained: result ? result.value : "", files: files};
     }
 
     function refreshHostCards() {
@@ -219,7 +223,8 @@
         if (before === null) {
             return; // what the page was built with
         }
-        if ((now.created && now.created !== before.created) || (now.trained && now.trained !== before.trained)) {
+        if ((now.created && now.created !== before.created) || (now.trained && now.trained !== before.trained) ||
+            (now.files && now.files !== before.files)) {
             refreshHostCards();
         }
     }

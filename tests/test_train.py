@@ -687,3 +687,43 @@ def test_compiled_training_follows_the_eager_loss_trajectory(tmp_path, images, t
     # step; the two runs must still have moved the vectors the same way.
     assert (after_compiled - after_eager).norm() < 0.05 * (after_eager - start).norm()
     assert not any("forward" in vars(module) for module in [model.unet, *(e.model for e in model.encoders)])
+
+
+def test_tensorboard_event_files_hold_the_loss_lr_norm_and_previews(tmp_path, images, tiny_models):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(tmp_path, images, steps=3, preview_every=2, validation_every=1, validation_samples=1)
+    result, events = run(tiny_models["sd1"], config)
+    folder = tmp_path / "logs" / NAME / "tensorboard"
+    assert list(folder.glob("events.out.tfevents.*")), "no event file beside loss.csv"
+    log = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    log.Reload()
+    steps = [event for event in events if event.kind == "step"]
+    losses = log.Scalars("train/loss")
+    assert [item.step for item in losses] == [1, 2, 3]
+    assert [item.value for item in losses] == pytest.approx([event.loss for event in steps], rel=1e-6)
+    assert [item.value for item in log.Scalars("train/learning_rate")] == pytest.approx([0.01] * 3)
+    assert [item.value for item in log.Scalars("train/norm_ratio")] == pytest.approx(
+        [event.norm_ratio for event in steps], rel=1e-6
+    )
+    assert [item.step for item in log.Scalars("validation/loss")] == [0, 1, 2, 3]
+    (preview,) = log.Images("preview")
+    assert (preview.step, preview.width, preview.height) == (2, 64, 64)
+
+
+def test_without_tensorboard_no_event_files_are_written(tmp_path, images, tiny_models, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    result, _ = run(tiny_models["sd1"], make_config(tmp_path, images))
+    assert result.stopped == "done"
+    assert not (tmp_path / "logs" / NAME / "tensorboard").exists()
+    assert (tmp_path / "logs" / NAME / "loss.csv").is_file()

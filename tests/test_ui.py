@@ -111,7 +111,24 @@ TAB_DEFAULTS = {
     "direction_prior": 0.0,
     "cross_init_weight": 1e-5,
     "context_regularization": 0.0,
+    "data.repeats": 1.0,
+    "data.alpha_weight": False,
+    "norm_control": 0.0,
+    "min_snr_gamma": 0.0,
+    "noise_offset": 0.0,
+    "timestep_min": 0.0,
+    "timestep_max": 1000.0,
+    "compile": False,
+    "cache_latents": True,
+    "validation_every": 0.0,
+    "validation_samples": 4.0,
+    "preview_negative_prompt": "",
+    "preview_guidance": 7.0,
+    "save_optimizer_state": True,
 }
+# The settings that say which run this is rather than how it trains: the tab takes them from the picked
+# embedding and the web UI's folders, or from its Train/Resume buttons.
+RUN_IDENTITY = {"name", "embeddings_dir", "log_dir", "resume", "overwrite", "init_text", "vectors"}
 
 
 def tab_values(**changes) -> list:
@@ -128,6 +145,54 @@ def test_train_tab_defaults_make_a_valid_config(tmp_path):
     )
     config = TrainConfig.from_dict(settings)
     assert (config.steps, config.data.resolution, config.embeddings_dir) == (2000, 512, tmp_path / "emb")
+
+
+def test_every_training_setting_has_a_train_tab_field(tmp_path):
+    """What the CLI can set, the tab can set: each declared setting but the run's identity is a field of the
+    built tab, under its own elem_id."""
+    from ti_core.config import declared
+
+    demo = extension.create_ui(extension.Backend(tmp_path / "emb", tmp_path / "log"))
+    built = elem_ids(demo)
+    missing = [item.key for item in declared() if item.key not in RUN_IDENTITY and item.elem_id not in built]
+    assert not missing, f"settings with no Train tab field: {missing}"
+    assert {item.key for item in declared()} - RUN_IDENTITY == set(extension.TRAIN_FIELDS)
+
+
+def test_advanced_fields_reach_the_training_config(tmp_path):
+    values = tab_values(
+        data__images=str(tmp_path),
+        min_snr_gamma=5.0,
+        noise_offset=0.05,
+        timestep_min=100.0,
+        timestep_max=900.0,
+        norm_control=2.5,
+        validation_every=50.0,
+        validation_samples=2.0,
+        preview_negative_prompt=" blurry ",
+        preview_guidance=4.5,
+        data__alpha_weight=True,
+        data__repeats=3.0,
+        compile=True,
+        cache_latents=False,
+        save_optimizer_state=False,
+    )
+    backend = extension.Backend(tmp_path / "emb", tmp_path / "log")
+    config = TrainConfig.from_dict(extension.train_settings(values, name="cat", backend=backend, resume=True))
+    assert (config.min_snr_gamma, config.noise_offset, config.timestep_min, config.timestep_max) == (5, 0.05, 100, 900)
+    assert (config.norm_control, config.validation_every, config.validation_samples) == (2.5, 50, 2)
+    assert (config.preview_negative_prompt, config.preview_guidance) == (" blurry ", 4.5)
+    assert (config.data.alpha_weight, config.data.repeats) == (True, 3)
+    assert (config.compile, config.cache_latents, config.save_optimizer_state) == (True, False, False)
+
+
+def test_a_bad_advanced_value_is_one_status_line(tiny_models, tmp_path):
+    backend = extension.Backend(tmp_path / "emb", tmp_path / "log")
+    save_embedding(create_embedding(tiny_models["sd1"], "cat", "cat", 1), tmp_path / "emb")
+    status = extension.start_training(
+        backend, False, "cat", *tab_values(data__images=str(tmp_path), noise_offset=-1.0)
+    )
+    assert status.startswith('<div class="ti-status ti-status-error">') and "noise_offset" in status
 
 
 def test_bad_settings_are_one_status_line(tiny_models, tmp_path):
@@ -1004,3 +1069,80 @@ def test_the_train_tab_plots_the_norm_ratio_and_warns_past_the_threshold(tiny_mo
     progress, *_, norm_plot, _seen = _poll_until_done({})
     assert list(norm_plot[norm_plot["curve"] == "largest vector"]["norm"]) == pytest.approx([1.0] * 3, rel=1e-3)
     assert "may overpower" not in progress
+
+
+# ------------------------------------------------------------------------------ snapshots, rename and delete
+
+
+def _run_with_snapshots(tiny_models, root):
+    """`cat` in root/emb and its run's snapshots at steps 20 and 40 in root/log/cat (vectors of 20 and 40)."""
+    import torch
+
+    embedding = create_embedding(tiny_models["sd1"], "cat", "cat", 1)
+    save_embedding(embedding, root / "emb")
+    for step in (20, 40):
+        vectors = {key: torch.full_like(tensor, float(step)) for key, tensor in embedding.vectors.items()}
+        snapshot = type(embedding)(name="cat", vectors=vectors, step=step)
+        save_embedding(snapshot, root / "log" / "cat")
+        (root / "log" / "cat" / "cat.safetensors").rename(root / "log" / "cat" / f"cat-{step}.safetensors")
+    return extension.Backend(root / "emb", root / "log")
+
+
+def _first_value(path) -> float:
+    return float(next(iter(load_embedding(path).vectors.values()))[0, 0])
+
+
+def test_a_snapshot_picked_in_the_train_tab_becomes_the_embedding(tiny_models, tmp_path):
+    backend = _run_with_snapshots(tiny_models, tmp_path)
+    assert extension_actions.snapshot_steps(backend, "cat") == (["20", "40"], "40")
+    status = extension_actions.promote_action(backend, "cat", "20")
+    assert "ti-status-ok" in status and "step 20" in status
+    assert _first_value(tmp_path / "emb" / "cat.safetensors") == 20.0
+    assert (tmp_path / "textual_inversion_trash" / "cat.safetensors").is_file()  # the old one kept
+    status = extension_actions.promote_action(backend, "cat", "30")
+    assert "ti-status-error" in status and "cat-30.safetensors" in status
+
+
+def test_rename_and_delete_in_the_embeddings_tab_refresh_the_cards(tiny_models, tmp_path):
+    backend = _run_with_snapshots(tiny_models, tmp_path)
+    save_embedding(create_embedding(tiny_models["sd1"], "dog", "dog", 1), tmp_path / "emb")
+    status, cards, picker = extension_actions.rename_action(backend, "cat", "dog")
+    assert "ti-status-error" in status and "already exists" in status and "cat" in cards
+    status, cards, picker = extension_actions.rename_action(backend, "cat", "kitty")
+    assert "ti-status-ok" in status and "kitty" in cards and picker["choices"] == ["dog", "kitty"]
+    status, cards, picker = extension_actions.delete_action(backend, "kitty")
+    assert "ti-status-ok" in status and "textual_inversion_trash" in status and picker["choices"] == ["dog"]
+    assert (tmp_path / "textual_inversion_trash" / "kitty.safetensors").is_file()
+    assert sorted(path.name for path in (tmp_path / "emb").iterdir()) == ["dog.safetensors"]
+
+
+@pytest.mark.ui
+def test_in_the_page_a_card_is_renamed_deleted_and_a_snapshot_promoted(ui, app, tiny_models):
+    root = app["root"]
+    _run_with_snapshots(tiny_models, root / "page")
+    (root / "embeddings").mkdir(exist_ok=True)
+    (root / "page" / "emb" / "cat.safetensors").rename(root / "embeddings" / "snapcat.safetensors")
+    (root / "logs" / "snapcat").mkdir(parents=True)
+    for step in (20, 40):
+        source = root / "page" / "log" / "cat" / f"cat-{step}.safetensors"
+        source.rename(root / "logs" / "snapcat" / f"snapcat-{step}.safetensors")
+    ui.page.reload()
+    ui.tab("Train")
+    ui.choose("ti_train_embedding", "snapcat")
+    ui.page.wait_for_function("() => document.querySelector('#ti_snapshot_pick input')?.value === '40'")
+    ui.click("ti_snapshot_promote")
+    ui.wait_text("ti_snapshot_status", r"snapcat\.safetensors is now the snapshot of step 40")
+    assert _first_value(root / "embeddings" / "snapcat.safetensors") == 40.0
+    ui.tab("Embeddings")
+    ui.click("ti_embeddings_refresh")
+    ui.page.locator("#ti_inspect").get_by_text("rename and delete").first.click()
+    ui.choose("ti_inspect_name", "snapcat")
+    ui.fill("ti_embeddings_rename_name", "snapcat2")
+    ui.click("ti_embeddings_rename")
+    ui.wait_text("ti_embeddings_file_status", r"Renamed snapcat to snapcat2")
+    ui.wait_text("ti_embeddings_list", r"snapcat2")
+    ui.choose("ti_inspect_name", "snapcat2")
+    ui.click("ti_embeddings_delete")
+    ui.wait_text("ti_embeddings_file_status", r"Moved snapcat2 to .*textual_inversion_trash")
+    assert not (root / "embeddings" / "snapcat2.safetensors").exists()
+    assert (root / "textual_inversion_trash" / "snapcat2.safetensors").is_file()

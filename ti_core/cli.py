@@ -47,8 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace files of the same name there")
     export.set_defaults(run=run_export)
 
+    promote = commands.add_parser(
+        "promote",
+        help="make a snapshot of a run (LOG_DIR/NAME/NAME-STEP) the embedding; the old file goes to the trash",
+    )
+    promote.add_argument("--embeddings-dir", type=Path, required=True)
+    promote.add_argument("--log-dir", type=Path, required=True)
+    promote.add_argument("--name", required=True, help="the embedding's name")
+    promote.add_argument("--step", required=True, help="the snapshot's step, or 'best'")
+    promote.set_defaults(run=run_promote)
+
     add_train_parser(commands)
     return parser
+
+
+def run_promote(args) -> int:
+    from .files import promote_snapshot
+
+    print(promote_snapshot(args.embeddings_dir, args.log_dir, args.name, args.step))
+    return 0
 
 
 def run_create(args) -> int:

@@ -73,7 +73,8 @@ class TrainConfig:
     )  # fmt: skip
     norm_control: float = setting(
         0.0, "cap vector norms at this x the vocabulary's median (0 = off)", group="optimisation", advanced=True,
-        minimum=0, zero_means="off",
+        minimum=0, zero_means="off", label="Norm cap, x the vocabulary's median (0: off)",
+        elem_id="ti_train_norm_control",
     )  # fmt: skip
     seed: int = setting(0, group="optimisation", advanced=True, label="Seed", elem_id="ti_train_seed")
 
@@ -101,11 +102,19 @@ class TrainConfig:
 
     # The diffusion loss.
     min_snr_gamma: float = setting(
-        0.0, "min-SNR loss weighting (0 = off; 5 is usual)", group="loss", advanced=True, minimum=0, zero_means="off"
-    )  # 5 is the value of Hang et al. (2023)
-    noise_offset: float = setting(0.0, group="loss", advanced=True, minimum=0)
-    timestep_min: int = setting(0, group="loss", advanced=True)
-    timestep_max: int = setting(1000, "exclusive", group="loss", advanced=True)
+        0.0, "min-SNR loss weighting (0 = off; 5 is usual)", group="loss", advanced=True, minimum=0,
+        zero_means="off", label="Min-SNR gamma (0: off, 5 is usual)", elem_id="ti_train_min_snr_gamma",
+    )  # fmt: skip  # 5 is the value of Hang et al. (2023)
+    noise_offset: float = setting(
+        0.0, group="loss", advanced=True, minimum=0, label="Noise offset", elem_id="ti_train_noise_offset"
+    )
+    timestep_min: int = setting(
+        0, group="loss", advanced=True, label="Timesteps from", elem_id="ti_train_timestep_min"
+    )
+    timestep_max: int = setting(
+        1000, "exclusive", group="loss", advanced=True, label="Timesteps to (exclusive)",
+        elem_id="ti_train_timestep_max",
+    )  # fmt: skip
 
     # Speed and memory.
     mixed_precision: str = setting(
@@ -117,11 +126,13 @@ class TrainConfig:
     )  # fmt: skip
     compile: bool = setting(
         False, "torch.compile the UNet and text encoders: faster steps after a one-off compile of minutes",
-        group="speed", advanced=True,
+        group="speed", advanced=True, label="Compile (faster steps after minutes of compiling)",
+        elem_id="ti_train_compile",
     )  # fmt: skip
     cache_latents: bool = setting(
-        True, "keep VAE latents on disk in the log folder", group="speed", advanced=True
-    )  # between runs
+        True, "keep VAE latents on disk in the log folder", group="speed", advanced=True,
+        label="Cache latents on disk (in the log folder)", elem_id="ti_train_cache_latents",
+    )  # fmt: skip  # between runs
 
     # What the run writes, every N steps (0 = never; no previews also means no <name>.preview.png card).
     save_every: int = setting(
@@ -133,20 +144,31 @@ class TrainConfig:
         label="Preview every N steps (0: never)", elem_id="ti_train_preview_every",
     )  # fmt: skip
     validation_every: int = setting(
-        0, "validation loss every N steps (0 = never)", group="outputs", advanced=True, minimum=0, zero_means="never"
-    )
-    validation_samples: int = setting(4, group="outputs", advanced=True, minimum=1)
+        0, "validation loss every N steps (0 = never)", group="outputs", advanced=True, minimum=0,
+        zero_means="never", label="Validation loss every N steps (0: never)", elem_id="ti_train_validation_every",
+    )  # fmt: skip
+    validation_samples: int = setting(
+        4, group="outputs", advanced=True, minimum=1, label="Validation samples",
+        elem_id="ti_train_validation_samples",
+    )  # fmt: skip
     preview_prompt: str = setting(
         "", "default: a template line with the first image's caption", group="outputs",
         label="Preview prompt (empty: a template line with a caption)", elem_id="ti_train_preview_prompt",
     )  # fmt: skip
-    preview_negative_prompt: str = setting("", group="outputs", advanced=True)
+    preview_negative_prompt: str = setting(
+        "", group="outputs", advanced=True, label="Preview negative prompt", elem_id="ti_train_preview_negative_prompt"
+    )
     preview_seed: int = setting(0, group="outputs", label="Preview seed", elem_id="ti_train_preview_seed")
     preview_steps: int = setting(
         20, group="outputs", minimum=1, label="Preview sampling steps", elem_id="ti_train_preview_steps"
     )
-    preview_guidance: float = setting(7.0, group="outputs", advanced=True, minimum=0)
-    save_optimizer_state: bool = setting(True, group="outputs", advanced=True)
+    preview_guidance: float = setting(
+        7.0, group="outputs", advanced=True, minimum=0, label="Preview CFG scale", elem_id="ti_train_preview_guidance"
+    )
+    save_optimizer_state: bool = setting(
+        True, group="outputs", advanced=True, label="Save the optimizer state (for an exact resume)",
+        elem_id="ti_train_save_optimizer_state",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):

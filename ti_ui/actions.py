@@ -178,7 +178,7 @@ def train_settings(values: Sequence[Any], *, name: str, backend: Backend, resume
     for key, value in pairs:
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # gradio 3 sliders and numbers give 8.0 for 8
-        if isinstance(value, str) and key != "preview_prompt":
+        if isinstance(value, str) and key not in ("preview_prompt", "preview_negative_prompt"):
             value = value.strip()
         if key.startswith("data."):
             settings["data"][key[5:]] = value
@@ -450,6 +450,77 @@ def library_action(backend: Backend):
     cards = [card_info(path, widths, norms) for path in list_embeddings(backend.embeddings_dir)]
     names = sorted({card.name for card in cards if not card.error}, key=str.lower)
     return cards_html(cards, backend.model_label()), gr.update(choices=names, value=names[0] if names else None)
+
+
+def snapshot_steps(backend: Backend, name: str | None) -> tuple[list[str], str | None]:
+    """The snapshot steps of the embedding's run, and the one to preselect: the last numbered one."""
+    from ti_core.files import list_snapshots
+
+    try:
+        steps = list_snapshots(backend.log_dir, name) if name else []
+    except ValueError:
+        steps = []
+    numbered = [step for step in steps if step.isdigit()]
+    return steps, numbered[-1] if numbered else (steps[-1] if steps else None)
+
+
+def snapshot_choices(backend: Backend, name: str | None):
+    """The Train tab's snapshot picker for the picked embedding."""
+    steps, last = snapshot_steps(backend, name)
+    return gr.update(choices=steps, value=last)
+
+
+def promote_action(backend: Backend, name: str | None, step: str | None) -> str:
+    """ "Make this the embedding": the snapshot replaces the embedding file (the old one to the trash)."""
+    from ti_core.files import promote_snapshot, trash_dir
+
+    if not name or not step:
+        return status_html("Pick an embedding and one of its snapshots first.", "error")
+    job = current_job()
+    if job is not None and job.running and job.config.name == name:
+        return status_html(f"{name} is training: interrupt the run before replacing its file.", "error")
+    try:
+        path = promote_snapshot(backend.embeddings_dir, backend.log_dir, name, step)
+    except (ValueError, OSError) as error:
+        return error_html(error)
+    return status_html(
+        f"{path.name} is now the snapshot of step {step} (the old file is in {trash_dir(path.parent)})", "ok"
+    )
+
+
+def _file_change(backend: Backend, change: Callable[[], str], name: str | None) -> tuple:
+    """Run a rename or delete of `name`; its status line, then the refreshed cards and inspect picker."""
+    job = current_job()
+    if not name:
+        status = status_html("Pick an embedding first.", "error")
+    elif job is not None and job.running and job.config.name == name:
+        status = status_html(f"{name} is training: interrupt the run first.", "error")
+    else:
+        try:
+            status = status_html(change(), "ok")
+        except (ValueError, OSError) as error:
+            status = error_html(error)
+    return (status, *library_action(backend))
+
+
+def rename_action(backend: Backend, name: str | None, new_name: str | None) -> tuple:
+    from ti_core.files import rename_embedding
+
+    def rename() -> str:
+        paths = rename_embedding(backend.embeddings_dir, name, new_name or "")
+        return f"Renamed {name} to {paths[0].stem}"
+
+    return _file_change(backend, rename, name)
+
+
+def delete_action(backend: Backend, name: str | None) -> tuple:
+    from ti_core.files import delete_embedding, trash_dir
+
+    def delete() -> str:
+        delete_embedding(backend.embeddings_dir, name)
+        return f"Moved {name} to {trash_dir(backend.embeddings_dir)}"
+
+    return _file_change(backend, delete, name)
 
 
 def page_load_action(backend: Backend):

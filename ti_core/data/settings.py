@@ -58,11 +58,17 @@ class DataConfig:
         0.0, "probability of leaving out each caption tag", group="data", minimum=0, maximum=1, step=0.05,
         label="Tag dropout", elem_id="ti_train_tag_dropout",
     )  # fmt: skip
-    repeats: int = setting(1, "times each image appears per epoch", group="data", advanced=True, minimum=1)
+    repeats: int = setting(
+        1, "times each image appears per epoch", group="data", advanced=True, minimum=1,
+        label="Repeats (times each image appears per epoch)", elem_id="ti_train_repeats",
+    )  # fmt: skip
     latent_sampling: str = setting(
         "once", group="data", choices=LATENT_SAMPLING, label="Latent sampling", elem_id="ti_train_latent_sampling"
     )
-    alpha_weight: bool = setting(False, "weight the loss by the images' alpha channel", group="data", advanced=True)
+    alpha_weight: bool = setting(
+        False, "weight the loss by the images' alpha channel", group="data", advanced=True,
+        label="Use the alpha channel as the loss weight", elem_id="ti_train_alpha_weight",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, (str, os.PathLike)) or not str(self.images).strip():

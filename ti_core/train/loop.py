@@ -36,6 +36,7 @@ from .patching import autocast, training_mode
 from .processes import Processes
 from .run_folder import RunFolder, model_facts
 from .start import starting_embedding
+from .tensorboard import reporting
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: cuda only
 
@@ -62,9 +63,16 @@ def train(
     and Adam, which divides each gradient component by its own size, amplifies those last-bit differences.
     """
     procs = Processes(accelerator)
-    emit = callback if callback and procs.is_main else lambda event: None
     run = RunFolder(config, write=procs.is_main)
-    with run.locked(), training_mode(model, config) as (device, half):
+    main_callback = callback if procs.is_main else None
+    with (
+        run.locked(),
+        reporting(run.folder, main_callback, procs.is_main) as emit,
+        training_mode(model, config) as (
+            device,
+            half,
+        ),
+    ):
         state = _prepare(model, config, run, procs, emit, device, half)
         try:
             stopped, message, error = *_train_steps(state, cancel), None

@@ -6,7 +6,15 @@ import gradio as gr
 
 from ti_core.formats import EXPORT_FORMATS
 
-from ..actions import default_export_dir, export_action, inspect_action, library_action, try_action
+from ..actions import (
+    default_export_dir,
+    delete_action,
+    export_action,
+    inspect_action,
+    library_action,
+    rename_action,
+    try_action,
+)
 from ..backend import Backend
 from ..compat import make_component, refresh_button
 from ..render import cards_html, status_html
@@ -56,7 +64,7 @@ def embeddings_tab(backend: Backend):
         refresh = refresh_button("ti_embeddings_refresh")
         make_component(gr.HTML, value=status_html(f"Folder: {backend.embeddings_dir}"), elem_id="ti_embeddings_folder")
     cards = make_component(gr.HTML, value=cards_html([], ""), elem_id="ti_embeddings_list")
-    with make_component(gr.Accordion, label="Inspect and export", open=False, elem_id="ti_inspect"):
+    with make_component(gr.Accordion, label="Inspect and export, rename and delete", open=False, elem_id="ti_inspect"):
         with gr.Row():
             name = make_component(gr.Dropdown, choices=[], label="Embedding", elem_id="ti_inspect_name", scale=4)
             button = make_component(gr.Button, value="Inspect", elem_id="ti_inspect_button", scale=0, min_width=100)
@@ -84,6 +92,26 @@ def embeddings_tab(backend: Backend):
             )
             export = make_component(gr.Button, value="Export", elem_id="ti_export_button", scale=0, min_width=100)
         export_status = make_component(gr.HTML, value="", elem_id="ti_export_status")
+        with gr.Row():
+            new_name = make_component(
+                gr.Textbox,
+                label="New name",
+                placeholder="rename the embedding to",
+                elem_id="ti_embeddings_rename_name",
+                scale=3,
+            )
+            rename = make_component(gr.Button, value="Rename", elem_id="ti_embeddings_rename", scale=0, min_width=100)
+            delete = make_component(
+                gr.Button,
+                value="Delete (to the trash)",
+                variant="stop",
+                elem_id="ti_embeddings_delete",
+                scale=0,
+                min_width=160,
+            )
+        file_status = make_component(gr.HTML, value="", elem_id="ti_embeddings_file_status")
+    rename.click(lambda *args: rename_action(backend, *args), [name, new_name], [file_status, cards, name])
+    delete.click(lambda chosen: delete_action(backend, chosen), name, [file_status, cards, name])
     export.click(
         lambda *args: export_action(backend, *args),
         [name, export_format, export_dir, export_overwrite],

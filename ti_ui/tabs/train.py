@@ -12,7 +12,17 @@ import gradio as gr
 from ti_core.config import declared, setting_named
 from ti_core.settings import Setting
 
-from ..actions import PollUpdate, dropdown_names, interrupt_training, poll_training, scan_action, start_training
+from ..actions import (
+    PollUpdate,
+    dropdown_names,
+    interrupt_training,
+    poll_training,
+    promote_action,
+    scan_action,
+    snapshot_choices,
+    snapshot_steps,
+    start_training,
+)
 from ..backend import Backend
 from ..compat import make_component, poll_every_second, refresh_button
 from ..plot import CURVES, NORM_CURVES
@@ -35,7 +45,14 @@ ROWS = (
     ("save_every", "preview_every", "preview_steps"),
     ("preview_prompt", "preview_seed"),
 )
-ADVANCED_ROWS = (("warmup_steps", "grad_clip", "grad_clip_value", "seed"),)
+ADVANCED_ROWS = (
+    ("warmup_steps", "grad_clip", "grad_clip_value", "seed"),
+    ("data.repeats", "data.alpha_weight", "norm_control"),
+    ("min_snr_gamma", "noise_offset", "timestep_min", "timestep_max"),
+    ("preview_negative_prompt", "preview_guidance"),
+    ("validation_every", "validation_samples"),
+    ("cache_latents", "compile", "save_optimizer_state"),
+)
 EDITABILITY_ROWS = (("method",), ("direction_prior", "cross_init_weight", "context_regularization"))
 METHOD_INFO = (
     "plain: Textual Inversion as everyone trains it (its norm grows and can overpower prompts) · directional: the "
@@ -189,16 +206,39 @@ def train_tab(demo, backend: Backend):
                 gr.Gallery, label="Previews", columns=4, height=260, object_fit="contain", elem_id="ti_train_previews"
             )
             result = make_component(gr.Textbox, label="Embedding file", interactive=False, elem_id="ti_train_result")
+            snapshot, promote, snapshot_status = _snapshot_row(backend, embedding.value)
     inputs = [embedding, *fields.values()]
     train.click(_starter(backend, False, list(fields)), inputs, status)
     resume.click(_starter(backend, True, list(fields)), inputs, status)
     interrupt.click(interrupt_training, None, status)
+    for changed in (embedding.change, result.change):  # another embedding picked, or a run ended
+        changed(lambda chosen: snapshot_choices(backend, chosen), embedding, snapshot)
+    promote.click(lambda *args: promote_action(backend, *args), [embedding, snapshot], snapshot_status)
     seen = gr.State({})
     by_name = {"progress": progress, "plot": plot, "previews": previews, "status": status, "result": result}
     by_name.update(train=train, resume=resume, interrupt=interrupt, norm_plot=norm_plot, seen=seen)
     outputs = [by_name[name] for name in PollUpdate._fields]
     poll_every_second(_poll_values, [seen], outputs, elem_id="ti_train_poll")
     return embedding
+
+
+def _snapshot_row(backend: Backend, name: str | None) -> tuple[Any, Any, Any]:
+    """The run's snapshots (`<name>-<step>` in its log folder) and the button that makes one the embedding."""
+    steps, last = snapshot_steps(backend, name)
+    with gr.Row():
+        snapshot = make_component(
+            gr.Dropdown,
+            choices=steps,
+            value=last,
+            label="Snapshot (step)",
+            elem_id="ti_snapshot_pick",
+            scale=2,
+        )
+        promote = make_component(
+            gr.Button, value="Make this the embedding", elem_id="ti_snapshot_promote", scale=1, min_width=120
+        )
+    status = make_component(gr.HTML, value="", elem_id="ti_snapshot_status")
+    return snapshot, promote, status
 
 
 def _loss_plot():
