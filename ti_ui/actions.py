@@ -5,7 +5,7 @@ returns theirs (HTML from `render`, `gr.update(...)` for changes). Errors become
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
