@@ -35,7 +35,10 @@ ROWS = (
     ("save_every", "preview_every", "preview_steps"),
     ("preview_prompt", "preview_seed"),
 )
-ADVANCED_ROWS = (("warmup_steps", "grad_clip", "grad_clip_value", "seed"),)
+ADVANCED_ROWS = (
+    ("optimizer", "lr_scheduler", "lr_cycles"),
+    ("warmup_steps", "grad_clip", "grad_clip_value", "seed"),
+)
 EDITABILITY_ROWS = (("method",), ("direction_prior", "cross_init_weight", "context_regularization"))
 METHOD_INFO = (
     "plain: Textual Inversion as everyone trains it (its norm grows and can overpower prompts) · directional: the "
@@ -78,6 +81,7 @@ def _component_options(item: Setting) -> tuple[type, dict[str, Any]]:
 def _tab_overrides(backend: Backend) -> dict[str, tuple[type | None, dict[str, Any]]]:
     """What the Train tab shows differently from the declaration: the web UI's own defaults and pickers."""
     from ti_core.data import BUILTIN_TEMPLATES
+    from ti_core.train.optimizers import usable_optimizers
 
     templates = list(BUILTIN_TEMPLATES)
     if backend.templates_dir and Path(backend.templates_dir).is_dir():
@@ -89,6 +93,8 @@ def _tab_overrides(backend: Backend) -> dict[str, tuple[type | None, dict[str, A
         "data.resolution": (None, {"value": backend.default_resolution()}),
         "mixed_precision": (None, {"value": _precision_default(backend)}),
         "grad_clip": (gr.Radio, {}),
+        # adamw8bit only where it can run (CUDA with bitsandbytes); the route and CLI say why elsewhere.
+        "optimizer": (None, {"choices": usable_optimizers(setting_named("optimizer").choices)}),
         "method": (gr.Radio, {"info": METHOD_INFO}),
         "preview_prompt": (None, {"scale": 3}),
     }
