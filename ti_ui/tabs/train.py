@@ -12,7 +12,16 @@ import gradio as gr
 from ti_core.config import declared, setting_named
 from ti_core.settings import Setting
 
-from ..actions import PollUpdate, dropdown_names, interrupt_training, poll_training, scan_action, start_training
+from ..actions import (
+    PollUpdate,
+    dropdown_names,
+    interrupt_training,
+    load_preset_action,
+    poll_training,
+    save_preset_action,
+    scan_action,
+    start_training,
+)
 from ..backend import Backend
 from ..compat import make_component, poll_every_second, refresh_button
 from ..plot import CURVES, NORM_CURVES
@@ -152,7 +161,40 @@ def _dataset_rows(backend: Backend) -> tuple[dict[str, Any], Any, Any, Any]:
     return fields, scan, dataset_info, dataset_preview
 
 
-def _train_settings_column(backend: Backend) -> tuple[Any, dict[str, Any], list]:
+def _preset_row(backend: Backend) -> dict[str, Any]:
+    """A preset picker with Load, and a name with Save (ti_core.preset), by part."""
+    from ti_core.preset import preset_names
+
+    with make_component(gr.Row, elem_id="ti_train_presets"):
+        parts = {
+            "preset": make_component(
+                gr.Dropdown, choices=preset_names(backend.log_dir), value=None, label="Preset",
+                elem_id="ti_train_preset", scale=3,
+            ),
+            "load": make_component(gr.Button, value="Load", size="sm", elem_id="ti_train_preset_load", scale=0, min_width=70),
+            "name": make_component(
+                gr.Textbox, label="Save the settings as", placeholder="preset name", elem_id="ti_train_preset_name",
+                scale=3,
+            ),
+            "save": make_component(gr.Button, value="Save", size="sm", elem_id="ti_train_preset_save", scale=0, min_width=70),
+        }  # fmt: skip
+    return parts
+
+
+def _wire_presets(backend: Backend, parts: dict[str, Any], fields: dict[str, Any], status) -> None:
+    """Load sets the fields from the preset (by setting key); Save writes the fields' values as a preset."""
+    keys = list(fields)
+    parts["load"].click(
+        lambda preset: load_preset_action(backend, preset, keys), parts["preset"], [*fields.values(), status]
+    )
+    parts["save"].click(
+        lambda name, *values: save_preset_action(backend, name, keys, *values),
+        [parts["name"], *fields.values()],
+        [parts["preset"], status],
+    )
+
+
+def _train_settings_column(backend: Backend) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The settings column; returns the embedding picker, the setting fields by setting key, and the scan
     inputs."""
     names = embedding_names(backend.embeddings_dir)
@@ -167,19 +209,20 @@ def _train_settings_column(backend: Backend) -> tuple[Any, dict[str, Any], list]
         )
         refresh = refresh_button("ti_train_refresh")
     refresh.click(lambda current: dropdown_names(backend, current), embedding, embedding)
+    presets = _preset_row(backend)
     fields, scan, dataset_info, dataset_preview = _dataset_rows(backend)
     fields.update(_setting_rows(backend, ROWS, ADVANCED_ROWS))
     scan_inputs = [fields[key] for key in ("data.images", "data.recursive", "data.resolution", "data.buckets")]
     images, recursive = fields["data.images"], fields["data.recursive"]
     for trigger in (scan.click, images.submit, recursive.change):
         trigger(scan_action, scan_inputs, [dataset_info, dataset_preview])
-    return embedding, fields, scan_inputs
+    return embedding, fields, presets
 
 
 def train_tab(demo, backend: Backend):
     with gr.Row():
         with make_component(gr.Column, scale=5, elem_id="ti_train_settings"):
-            embedding, fields, _ = _train_settings_column(backend)
+            embedding, fields, presets = _train_settings_column(backend)
         with make_component(gr.Column, scale=4, elem_id="ti_train_results"):
             with gr.Row():
                 train = make_component(gr.Button, value="Train", variant="primary", elem_id="ti_train_button")
@@ -199,6 +242,7 @@ def train_tab(demo, backend: Backend):
     train.click(_starter(backend, False, list(fields)), inputs, status)
     resume.click(_starter(backend, True, list(fields)), inputs, status)
     interrupt.click(interrupt_training, None, status)
+    _wire_presets(backend, presets, fields, status)
     seen = gr.State({})
     by_name = {"progress": progress, "plot": plot, "previews": previews, "status": status, "result": result}
     by_name.update(train=train, resume=resume, interrupt=interrupt, norm_plot=norm_plot, seen=seen)
