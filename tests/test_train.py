@@ -772,3 +772,20 @@ def test_missing_optimizer_packages_are_one_line_errors(tmp_path, images, monkey
 def test_a_named_schedule_takes_one_rate(tmp_path, images):
     with pytest.raises(ValueError, match="lr_scheduler cosine takes one learning rate"):
         make_config(tmp_path, images, learning_rate="0.01:10, 0.001", lr_scheduler="cosine")
+
+
+def test_an_adamw_state_saved_before_the_optimizer_setting_is_restored(tmp_path, images, tiny_models):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_models["sd1"]
+    run(model, make_config(tmp_path, images, steps=1))
+    path = tmp_path / "logs" / NAME / f"{NAME}.optim.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    old = {key: metadata[key] for key in ("vectors_sha256", "step", "optimizer")}  # the fields files had then
+    assert old["optimizer"] == "AdamW"
+    save_file(load_file(str(path)), str(path), metadata=old)
+    result, events = run(model, make_config(tmp_path, images, steps=2, resume=True))
+    assert result.stopped == "done"
+    assert "optimizer state restored" in events[0].message
