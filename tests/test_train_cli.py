@@ -343,3 +343,13 @@ def test_an_unknown_preset_is_one_line_naming_the_presets(capsys, base_args):
         "error: --preset: no preset named 'portrait' (presets: SDXL subject, style (8-16 vectors), "
         "subject (1-4 vectors))\n"
     )
+
+
+def test_an_optimizer_that_cannot_run_here_is_one_line_before_the_model_loads(capsys, base_args, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "prodigyopt" else real(name))
+    assert main([*base_args[2:], "--model", "missing-model", "--optimizer", "prodigy"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: optimizer prodigy needs the prodigyopt package: pip install prodigyopt\n"

@@ -169,9 +169,12 @@ def run_train(args: argparse.Namespace) -> int:
 def check_before_loading(config: TrainConfig) -> None:
     """The images folder and the embedding's state: ValueError/FileExistsError (one line, naming the flags)."""
     from .train import AlreadyTrained, StepsReached, check_trainable
+    from .train.optimizers import optimizer_available
 
     if not config.data.images.is_dir():
         raise ValueError(f"--images {config.data.images} is not a folder")
+    if problem := optimizer_available(config.optimizer):  # e.g. prodigy without prodigyopt
+        raise ValueError(problem)
     try:
         check_trainable(config)
     except AlreadyTrained as error:

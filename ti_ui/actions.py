@@ -201,12 +201,21 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
         # An untrained embedding (step 0, as Create wrote it) is "resumed" from its initial vectors: train()
         # only re-creates an embedding from the init text when told to overwrite it.
         config = TrainConfig.from_dict({**settings, "resume": True})
+        _check_optimizer(config)
         _check_images(config)  # before the model loads, and before anything is written
         TrainingJob.start(backend.current_model, config, _host_observer(backend), context=backend.training_context)
     except (ValueError, OSError, RuntimeError) as error:
         return error_html(error)
     verb = "Resuming" if resume else "Training"
     return status_html(f"{verb} {config.name} to step {config.steps}…")
+
+
+def _check_optimizer(config) -> None:
+    """ValueError (one line) when the optimizer cannot run here (prodigy without prodigyopt; adamw8bit off CUDA)."""
+    from ti_core.train.optimizers import optimizer_available
+
+    if problem := optimizer_available(config.optimizer):
+        raise ValueError(problem)
 
 
 def _check_images(config) -> None:
