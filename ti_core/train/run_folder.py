@@ -204,7 +204,11 @@ OPTIMIZER_NAMES = {"adamw": "AdamW"}  # as files before the optimizer setting na
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, bool | int | float) and (not isinstance(value, float) or math.isfinite(value))
+    """A group's running number (Prodigy's d, d_max, k...); not a flag such as `fused`, which belongs to the
+    device the run resumes on."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def vectors_hash(vectors: Mapping[str, torch.Tensor]) -> str:
