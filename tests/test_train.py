@@ -700,6 +700,14 @@ RESUMED_OPTIMIZERS = [
 ]
 
 
+def _optimizer_file(folder) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "logs" / NAME / f"{NAME}.optim.safetensors"), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+        return tensors, json.loads(handle.metadata()["param_groups"])
+
+
 def _lr_column(folder) -> list[float]:
     with open(folder / "logs" / NAME / "loss.csv", newline="") as handle:
         return [float(row["learning_rate"]) for row in csv.DictReader(handle)]
@@ -722,6 +730,14 @@ def test_each_optimizer_and_named_schedule_resumes_exactly(tmp_path, images, tin
     resumed = load_embedding(second.embedding_path, widths=model.widths)
     assert not torch.equal(start.vectors["clip_h"], reference.vectors["clip_h"])  # the steps after 3 did train
     torch.testing.assert_close(resumed.vectors["clip_h"], reference.vectors["clip_h"], rtol=0, atol=1e-6)
+    # The optimizer ends in the same state: its tensors and its groups' numbers (Prodigy's d, d_numerator, k).
+    whole_state, resumed_state = (_optimizer_file(tmp_path / part) for part in ("whole", "parts"))
+    assert len(resumed_state[1]) == len(whole_state[1])
+    for resumed_group, whole_group in zip(resumed_state[1], whole_state[1], strict=True):
+        assert resumed_group == pytest.approx(whole_group, rel=1e-5)
+    assert resumed_state[0].keys() == whole_state[0].keys()
+    for key, tensor in whole_state[0].items():
+        torch.testing.assert_close(resumed_state[0][key], tensor, rtol=1e-5, atol=1e-7)
     assert _lr_column(tmp_path / "parts") == _lr_column(tmp_path / "whole")
     assert _lr_column(tmp_path / "whole") == pytest.approx([e.lr for e in whole_events if e.kind == "step"], rel=1e-5)
 
