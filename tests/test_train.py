@@ -727,3 +727,121 @@ def test_without_tensorboard_no_event_files_are_written(tmp_path, images, tiny_m
     assert result.stopped == "done"
     assert not (tmp_path / "logs" / NAME / "tensorboard").exists()
     assert (tmp_path / "logs" / NAME / "loss.csv").is_file()
+
+
+RESUMED_OPTIMIZERS = [
+    dict(optimizer="adafactor"),
+    dict(optimizer="prodigy", learning_rate="1.0"),
+    dict(lr_scheduler="constant"),
+    dict(lr_scheduler="constant_with_warmup"),
+    dict(lr_scheduler="linear"),
+    dict(lr_scheduler="cosine"),
+    dict(lr_scheduler="cosine_with_restarts", lr_cycles=2),
+]
+
+
+def _optimizer_file(folder) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "logs" / NAME / f"{NAME}.optim.safetensors"), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+        return tensors, json.loads(handle.metadata()["param_groups"])
+
+
+def _lr_column(folder) -> list[float]:
+    with open(folder / "logs" / NAME / "loss.csv", newline="") as handle:
+        return [float(row["learning_rate"]) for row in csv.DictReader(handle)]
+
+
+@pytest.mark.parametrize("settings", RESUMED_OPTIMIZERS, ids=lambda s: "-".join(map(str, s.values())))
+def test_each_optimizer_and_named_schedule_resumes_exactly(tmp_path, images, tiny_models, settings):
+    if settings.get("optimizer") == "prodigy":
+        pytest.importorskip("prodigyopt")
+    model = tiny_models["sd2"]
+    settings = {"learning_rate": "0.02", **settings, "steps": 6}
+    whole, whole_events = run(model, resumable_config(tmp_path / "whole", images, **settings))
+    assert whole.stopped == "done", whole.message
+    first, _ = run(model, resumable_config(tmp_path / "parts", images, **{**settings, "steps": 3}))
+    start = load_embedding(first.embedding_path, widths=model.widths)
+    second, events = run(model, resumable_config(tmp_path / "parts", images, **settings, resume=True))
+    assert second.step == 6, second.message
+    assert "optimizer state restored" in events[0].message
+    reference = load_embedding(whole.embedding_path, widths=model.widths)
+    resumed = load_embedding(second.embedding_path, widths=model.widths)
+    assert not torch.equal(start.vectors["clip_h"], reference.vectors["clip_h"])  # the steps after 3 did train
+    torch.testing.assert_close(resumed.vectors["clip_h"], reference.vectors["clip_h"], rtol=0, atol=1e-6)
+    # The optimizer ends in the same state: its tensors and its groups' numbers (Prodigy's d, d_numerator, k).
+    whole_state, resumed_state = (_optimizer_file(tmp_path / part) for part in ("whole", "parts"))
+    assert len(resumed_state[1]) == len(whole_state[1])
+    for resumed_group, whole_group in zip(resumed_state[1], whole_state[1], strict=True):
+        assert resumed_group == pytest.approx(whole_group, rel=1e-5)
+    assert resumed_state[0].keys() == whole_state[0].keys()
+    for key, tensor in whole_state[0].items():
+        torch.testing.assert_close(resumed_state[0][key], tensor, rtol=1e-5, atol=1e-7)
+    assert _lr_column(tmp_path / "parts") == _lr_column(tmp_path / "whole")
+    assert _lr_column(tmp_path / "whole") == pytest.approx([e.lr for e in whole_events if e.kind == "step"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["constant_with_warmup", "linear", "cosine", "cosine_with_restarts"])
+def test_named_schedules_give_diffusers_rates_step_by_step(tmp_path, images, tiny_models, name):
+    from diffusers.optimization import get_scheduler
+
+    config = resumable_config(
+        tmp_path, images, learning_rate="0.02", lr_scheduler=name, lr_cycles=2, steps=6, warmup_steps=2
+    )
+    _, events = run(tiny_models["sd1"], config)
+    # diffusers' own scheduler, stepped once after each optimizer step as in its training scripts.
+    holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.02)
+    extra = {"num_cycles": 2} if name == "cosine_with_restarts" else {}
+    scheduler = get_scheduler(name, holder, num_warmup_steps=2, num_training_steps=6, **extra)
+    expected = []
+    for _ in range(6):
+        expected.append(scheduler.get_last_lr()[0])
+        holder.step()
+        scheduler.step()
+    assert [event.lr for event in events if event.kind == "step"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_resume_with_another_optimizer_starts_it_fresh(tmp_path, images, tiny_models):
+    model = tiny_models["sd1"]
+    run(model, make_config(tmp_path, images, steps=1))
+    result, events = run(model, make_config(tmp_path, images, steps=2, resume=True, optimizer="adafactor"))
+    assert result.stopped == "done"
+    assert "the saved optimizer state is AdamW's, starting a fresh adafactor" in events[0].message
+
+
+def test_missing_optimizer_packages_are_one_line_errors(tmp_path, images, monkeypatch):
+    import importlib.util
+
+    from ti_core.train.optimizers import make_optimizer, usable_optimizers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "prodigyopt" else real(name))
+    with pytest.raises(ValueError, match=r"^optimizer prodigy needs the prodigyopt package: pip install prodigyopt$"):
+        make_optimizer("prodigy", [torch.zeros(2, requires_grad=True)], torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^optimizer adamw8bit needs a CUDA GPU"):
+            make_optimizer("adamw8bit", [torch.zeros(2, requires_grad=True)], torch.device("cpu"))
+        assert usable_optimizers(("adamw", "adafactor", "prodigy", "adamw8bit")) == ["adamw", "adafactor"]
+
+
+def test_a_named_schedule_takes_one_rate(tmp_path, images):
+    with pytest.raises(ValueError, match="lr_scheduler cosine takes one learning rate"):
+        make_config(tmp_path, images, learning_rate="0.01:10, 0.001", lr_scheduler="cosine")
+
+
+def test_an_adamw_state_saved_before_the_optimizer_setting_is_restored(tmp_path, images, tiny_models):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_models["sd1"]
+    run(model, make_config(tmp_path, images, steps=1))
+    path = tmp_path / "logs" / NAME / f"{NAME}.optim.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    old = {key: metadata[key] for key in ("vectors_sha256", "step", "optimizer")}  # the fields files had then
+    assert old["optimizer"] == "AdamW"
+    save_file(load_file(str(path)), str(path), metadata=old)
+    result, events = run(model, make_config(tmp_path, images, steps=2, resume=True))
+    assert result.stopped == "done"
+    assert "optimizer state restored" in events[0].message

@@ -307,3 +307,49 @@ def test_train_prints_progress_lines_as_it_goes(tmp_path, base_args):
     assert lines[0] == f"Loading {base_args[1]}..." and lines[1].startswith("Training cat on 4 images")
     assert lines[-2].startswith("step 3/3  ") and " loss " in lines[-2]
     assert lines[-1].startswith("Trained cat to step 3")
+
+
+def test_a_saved_preset_gives_the_settings_and_flags_override_it(tmp_path, capsys, base_args):
+    from ti_core.preset import presets_dir, save_preset
+
+    preset = {
+        "steps": 9,
+        "optimizer": "adafactor",
+        "lr_scheduler": "cosine",
+        "warmup_steps": 1,
+        "data": {"flip": True},
+    }
+    path = save_preset("my subject", preset, tmp_path / "logs")
+    assert path == presets_dir(tmp_path / "logs") / "my subject.json" == tmp_path / "presets" / "my subject.json"
+    assert main([*base_args, "--preset", "my subject"]) == 0  # base_args give --steps 2
+    settings = json.loads((tmp_path / "logs" / "cat" / "settings.json").read_text())
+    assert (settings["steps"], settings["optimizer"], settings["lr_scheduler"]) == (2, "adafactor", "cosine")
+    assert settings["data"]["flip"] is True and settings["data"]["resolution"] == 64
+    # The same file is a --config; the shipped presets are there by name.
+    capsys.readouterr()
+    args = [*base_args, "--config", str(path), "--name", "dog", "--preset", "style (8-16 vectors)"]
+    assert main(args) == 0
+    settings = json.loads((tmp_path / "logs" / "dog" / "settings.json").read_text())
+    assert (settings["optimizer"], settings["vectors"], settings["data"]["template"]) == (
+        "adafactor",
+        8,
+        "style_filewords",
+    )
+
+
+def test_an_unknown_preset_is_one_line_naming_the_presets(capsys, base_args):
+    assert main([*base_args, "--preset", "portrait"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --preset: no preset named 'portrait' (presets: SDXL subject, style (8-16 vectors), "
+        "subject (1-4 vectors))\n"
+    )
+
+
+def test_an_optimizer_that_cannot_run_here_is_one_line_before_the_model_loads(capsys, base_args, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "prodigyopt" else real(name))
+    assert main([*base_args[2:], "--model", "missing-model", "--optimizer", "prodigy"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: optimizer prodigy needs the prodigyopt package: pip install prodigyopt\n"

@@ -7,6 +7,7 @@ under TI_REQUIRE_UI=1 (CI's UI venvs), where a missing piece fails.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from ui_helpers import (
     UiPage,
     chromium_browser,
@@ -50,6 +52,13 @@ REQUIRED_IDS = {
     "ti_train_loss_plot",
     "ti_train_norm_plot",
     "ti_train_method",
+    "ti_train_optimizer",
+    "ti_train_lr_scheduler",
+    "ti_train_lr_cycles",
+    "ti_train_preset",
+    "ti_train_preset_load",
+    "ti_train_preset_name",
+    "ti_train_preset_save",
     "ti_train_previews",
     "ti_embeddings_list",
     "ti_embeddings_refresh",
@@ -103,6 +112,9 @@ TAB_DEFAULTS = {
     "preview_prompt": "",
     "preview_seed": 0.0,
     "preview_steps": 20.0,
+    "optimizer": "adamw",
+    "lr_scheduler": "schedule",
+    "lr_cycles": 1.0,
     "warmup_steps": 0.0,
     "grad_clip": "disabled",
     "grad_clip_value": 0.1,
@@ -1146,3 +1158,41 @@ def test_in_the_page_a_card_is_renamed_deleted_and_a_snapshot_promoted(ui, app, 
     ui.wait_text("ti_embeddings_file_status", r"Moved snapcat2 to .*textual_inversion_trash")
     assert not (root / "embeddings" / "snapcat2.safetensors").exists()
     assert (root / "textual_inversion_trash" / "snapcat2.safetensors").is_file()
+
+
+@pytest.mark.ui
+def test_presets_load_into_the_fields_and_save_beside_the_log_folder(ui, app):
+    ui.tab("Train")
+    assert {"SDXL subject", "style (8-16 vectors)", "subject (1-4 vectors)"} <= set(
+        ui.dropdown_options("ti_train_preset")
+    )
+    ui.page.locator("#ti_train_advanced .label-wrap").first.click()  # open Advanced
+    if not torch.cuda.is_available():
+        assert "adamw8bit" not in ui.dropdown_options("ti_train_optimizer")
+    ui.choose("ti_train_preset", "style (8-16 vectors)")
+    ui.click("ti_train_preset_load")
+    ui.wait_text("ti_train_status", r"Loaded preset style \(8-16 vectors\)")
+    ui.wait_value("ti_train_steps", r"^3000$")
+    assert ui.dropdown_value("ti_train_lr_scheduler") == "cosine"
+    assert ui.value("ti_train_learning_rate") == "0.002"
+
+    ui.fill("ti_train_steps", 1234)
+    ui.choose("ti_train_optimizer", "adafactor")
+    ui.fill("ti_train_preset_name", "bad/name")
+    ui.click("ti_train_preset_save")
+    ui.wait_text("ti_train_status", r"^preset name: .*path separator")
+    ui.fill("ti_train_preset_name", "my style")
+    ui.click("ti_train_preset_save")
+    ui.wait_text("ti_train_status", r"Saved preset .*my style\.json")
+    saved = json.loads((app["root"] / "presets" / "my style.json").read_text())
+    assert (saved["steps"], saved["optimizer"], saved["lr_scheduler"]) == (1234, "adafactor", "cosine")
+    assert "images" not in saved["data"] and "name" not in saved
+    assert ui.dropdown_value("ti_train_preset") == "my style"
+
+    ui.choose("ti_train_preset", "subject (1-4 vectors)")
+    ui.click("ti_train_preset_load")
+    ui.wait_value("ti_train_steps", r"^1500$")
+    ui.choose("ti_train_preset", "my style")
+    ui.click("ti_train_preset_load")
+    ui.wait_value("ti_train_steps", r"^1234$")
+    assert ui.dropdown_value("ti_train_optimizer") == "adafactor"

@@ -20,6 +20,8 @@ from .settings import Setting, setting, settings_of
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 GRAD_CLIP = ("disabled", "value", "norm")
+OPTIMIZERS = ("adamw", "adafactor", "prodigy", "adamw8bit")
+LR_SCHEDULERS = ("schedule", "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 
 
 @dataclass
@@ -59,6 +61,20 @@ class TrainConfig:
         flags=("--warmup-steps", "--warmup"), label="Warm-up steps", elem_id="ti_train_warmup",
     )  # fmt: skip
     batch_size: int = setting(1, group="optimisation", minimum=1, label="Batch size", elem_id="ti_train_batch")
+    optimizer: str = setting(
+        "adamw", "adamw; adafactor; prodigy (learning-rate-free: a rate of 1.0) with prodigyopt installed; "
+        "adamw8bit on CUDA with bitsandbytes", group="optimisation", advanced=True, choices=OPTIMIZERS,
+        label="Optimizer", elem_id="ti_train_optimizer",
+    )  # fmt: skip
+    lr_scheduler: str = setting(
+        "schedule", "schedule: the learning rate's stages; or a named schedule (diffusers') of one rate",
+        group="optimisation", advanced=True, choices=LR_SCHEDULERS, label="Learning-rate schedule",
+        elem_id="ti_train_lr_scheduler",
+    )  # fmt: skip
+    lr_cycles: int = setting(
+        1, "hard restarts of cosine_with_restarts", group="optimisation", advanced=True, minimum=1,
+        label="Restarts (cosine with restarts)", elem_id="ti_train_lr_cycles",
+    )  # fmt: skip
     gradient_accumulation: int = setting(
         1, "batches per optimizer step", group="optimisation", minimum=1,
         label="Gradient accumulation", elem_id="ti_train_accumulation",
@@ -255,6 +271,11 @@ def _check(config: TrainConfig) -> None:
         raise ValueError(
             "timesteps must satisfy 0 <= timestep_min < timestep_max, "
             f"not {config.timestep_min}..{config.timestep_max}"
+        )
+    if config.lr_scheduler != "schedule" and len(parse_schedule(config.learning_rate)) > 1:
+        raise ValueError(
+            f"lr_scheduler {config.lr_scheduler} takes one learning rate, not the stages "
+            f"{config.learning_rate!r}: give a single rate or use lr_scheduler schedule"
         )
     if config.resume and config.overwrite:
         raise ValueError("resume and overwrite exclude each other")

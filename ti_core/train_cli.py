@@ -2,8 +2,8 @@
 
     python -m ti_core train --model M --embeddings-dir D --name N --images I --steps 2000
 
-Settings come from TrainConfig's defaults, then a JSON file (`--config`, e.g. a run's settings.json),
-then the flags given; without --resolution the model's own resolution is used. Progress is a line that
+Settings come from TrainConfig's defaults, then a named preset (`--preset`), then a JSON file (`--config`,
+e.g. a run's settings.json or a preset file), then the flags given; without --resolution the model's own resolution is used. Progress is a line that
 updates in place on a terminal and a plain line every few seconds otherwise; Ctrl+C stops after the current
 step and saves. It runs
 unchanged under `accelerate launch -m ti_core.train_cli ...`: each process trains on its share of the
@@ -45,7 +45,14 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_model_arguments(parser, required=True)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: the GPU if there is one)")
-    parser.add_argument("--config", type=Path, help="JSON settings (a run's settings.json); flags override them")
+    parser.add_argument(
+        "--config", type=Path, help="JSON settings (a run's settings.json or a preset file); flags override them"
+    )
+    parser.add_argument(
+        "--preset",
+        help="a named preset (shipped, or saved in the presets folder beside the log folder); "
+        "--config and flags override it",
+    )
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     for item in declared():
         parser.add_argument(*item.cli_flags, dest=_dest(item.key), default=None, **_argparse_options(item))
@@ -82,6 +89,8 @@ def _argparse_options(item: Setting) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from --config and the flags given; UsageError (exit 2) for anything invalid."""
     values: dict[str, Any] = _read_settings(args.config) if args.config else {}
+    if getattr(args, "preset", None):
+        values = _with_preset(args, values)
     data = dict(values.pop("data", None) or {})
     items = declared()
     for setting in (item.key for item in items):
@@ -103,6 +112,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return config_module.TrainConfig.from_dict({**values, "data": data})
     except ValueError as error:
         raise UsageError(str(error)) from None
+
+
+def _with_preset(args: argparse.Namespace, values: dict[str, Any]) -> dict[str, Any]:
+    """The preset's settings overridden by --config's `values` (the flags come after both)."""
+    from .preset import load_preset
+
+    log_dir = args.log_dir or values.get("log_dir") or config_module.setting_named("log_dir").default
+    try:
+        preset = load_preset(args.preset, log_dir)
+    except ValueError as error:
+        raise UsageError(f"--preset: {error}") from None
+    data = {**preset.pop("data", {}), **(values.get("data") or {})}
+    return {**preset, **values, "data": data}
 
 
 def _read_settings(path: Path) -> dict[str, Any]:
@@ -147,9 +169,12 @@ def run_train(args: argparse.Namespace) -> int:
 def check_before_loading(config: TrainConfig) -> None:
     """The images folder and the embedding's state: ValueError/FileExistsError (one line, naming the flags)."""
     from .train import AlreadyTrained, StepsReached, check_trainable
+    from .train.optimizers import optimizer_available
 
     if not config.data.images.is_dir():
         raise ValueError(f"--images {config.data.images} is not a folder")
+    if problem := optimizer_available(config.optimizer):  # e.g. prodigy without prodigyopt
+        raise ValueError(problem)
     try:
         check_trainable(config)
     except AlreadyTrained as error:

@@ -200,12 +200,21 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
         # An untrained embedding (step 0, as Create wrote it) is "resumed" from its initial vectors: train()
         # only re-creates an embedding from the init text when told to overwrite it.
         config = TrainConfig.from_dict({**settings, "resume": True})
+        _check_optimizer(config)
         _check_images(config)  # before the model loads, and before anything is written
         TrainingJob.start(backend.current_model, config, context=backend.training_context)
     except (ValueError, OSError, RuntimeError) as error:
         return error_html(error)
     verb = "Resuming" if resume else "Training"
     return status_html(f"{verb} {config.name} to step {config.steps}…")
+
+
+def _check_optimizer(config) -> None:
+    """ValueError (one line) when the optimizer cannot run here (prodigy without prodigyopt; adamw8bit off CUDA)."""
+    from ti_core.train.optimizers import optimizer_available
+
+    if problem := optimizer_available(config.optimizer):
+        raise ValueError(problem)
 
 
 def _check_images(config) -> None:
@@ -650,3 +659,34 @@ def try_action(
     used = [e.name for e in embeddings if re.search(rf"(?<![\w-]){re.escape(e.name)}(?![\w-])", prompt or "", re.I)]
     note = f" with {', '.join(used)}" if used else ""
     return image, status_html(f"{model.name}: seed {int(seed)}, {int(steps)} steps{note}", "ok")
+
+
+def load_preset_action(backend: Backend, preset: str | None, keys: Sequence[str]) -> list[Any]:
+    """Load: the tab's fields (in `keys` order) set from the preset's settings (the others unchanged), then
+    the status line."""
+    from ti_core.preset import load_preset
+
+    unchanged = [gr.update() for _ in keys]
+    if not preset:
+        return [*unchanged, status_html("Pick a preset to load.", "error")]
+    try:
+        settings = load_preset(preset, backend.log_dir)
+    except ValueError as error:
+        return [*unchanged, error_html(error)]
+    flat = {key: value for key, value in settings.items() if key != "data"}
+    flat.update({f"data.{key}": value for key, value in settings.get("data", {}).items()})
+    values = [gr.update(value=flat[key]) if key in flat else gr.update() for key in keys]
+    loaded = [key for key in flat if key in keys]
+    return [*values, status_html(f"Loaded preset {preset}: {plural(len(loaded), 'setting')}.")]
+
+
+def save_preset_action(backend: Backend, name: str | None, keys: Sequence[str], *values: Any) -> tuple[Any, str]:
+    """Save: the tab's settings as preset `name` in the presets folder; the preset picker and the status line."""
+    from ti_core.preset import preset_names, save_preset
+
+    settings = train_settings([dict(zip(keys, values, strict=True))], name="", backend=backend, resume=False)
+    try:
+        path = save_preset((name or "").strip(), settings, backend.log_dir)
+    except (ValueError, OSError) as error:
+        return gr.update(), error_html(error)
+    return gr.update(choices=preset_names(backend.log_dir), value=path.stem), status_html(f"Saved preset {path}")

@@ -26,11 +26,11 @@ from ..config import TrainConfig
 from ..data import encode_dataset, load_template, render_prompt, scan_images
 from ..editability import RunEditability, norm_warning, resolve_method
 from ..prompt import PromptTokenCache
-from ..schedule import learning_rate_at, parse_schedule
 from ..timodel import TIModel
 from .clock import Clock
 from .events import TrainEvent, TrainResult
 from .loss import batch_loss, control_norms, noise_scheduler_for, step_generators, vocabulary_norm_limits
+from .optimizers import learning_rate_function, make_optimizer
 from .outputs import Outputs, default_preview_prompt, detached, validation_set
 from .patching import autocast, training_mode
 from .processes import Processes
@@ -98,7 +98,7 @@ class _RunState:
     vectors: dict[str, torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scaler: Any
-    schedule: Any
+    schedule: Callable[[int], float]  # the learning rate at a step
     noise_scheduler: Any
     norm_limits: dict[str, float]
     tokenize: PromptTokenCache
@@ -136,11 +136,11 @@ def _prepare(model: TIModel, config: TrainConfig, run: RunFolder, procs: Process
         editability.start(vectors)
 
     # Optimizer, schedule and the fixed parts of the loss.
-    optimizer = _adamw(list(vectors.values()), device)
+    optimizer = make_optimizer(config.optimizer, list(vectors.values()), device)
     resume_note = run.load_optimizer_state(optimizer, embedding) if config.resume else ""
     resume_note = "; ".join(note for note in (adopted, resume_note) if note)
     scaler = _grad_scaler(device, enabled=half == torch.float16)
-    schedule = parse_schedule(config.learning_rate)
+    schedule = learning_rate_function(config)
     noise_scheduler = noise_scheduler_for(model, config)
     norm_limits = vocabulary_norm_limits(model, config.norm_control)
     tokenize = PromptTokenCache(model, {config.name: embedding.num_vectors})
@@ -170,7 +170,7 @@ def _train_steps(state: _RunState, cancel) -> tuple[str, str]:
     while state.step < config.steps:
         if procs.any(cancel is not None and cancel.is_set()):
             return "interrupted", ""
-        lr = learning_rate_at(state.schedule, state.step, config.warmup_steps)
+        lr = state.schedule(state.step)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         epoch, loss = _accumulated_loss(state)
@@ -238,12 +238,6 @@ def _encode_images(model: TIModel, config: TrainConfig, run: RunFolder, device: 
         raise ValueError(f"no training images in {config.data.images}{skipped}")
     cache = run.cache_dir if config.cache_latents else None
     return encode_dataset(model, config.data, scan.items, cache_dir=cache, device=device, dtype=model.vae.dtype)
-
-
-def _adamw(params: list[torch.Tensor], device: torch.device) -> torch.optim.AdamW:
-    # Weight decay 0 as in A1111: decay pulls the vectors towards zero, which is not a neutral prior for
-    # token embeddings. Fused kernels on CUDA; with one or two small tensors nothing else matters.
-    return torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, fused=True if device.type == "cuda" else None)
 
 
 def _grad_scaler(device: torch.device, enabled: bool):

@@ -128,29 +128,45 @@ class RunFolder:
         return atomic_write(path, lambda temp: image.save(temp, format="PNG"))
 
     def save_optimizer_state(self, optimizer, embedding: Embedding) -> None:
-        """`<name>.optim.safetensors`: AdamW's moments and step count per encoder key, with the hash of the
-        vectors they belong to (tensors only; no pickle)."""
+        """`<name>.optim.safetensors`: the optimizer's per-vector state (AdamW's moments and step count, or
+        Adafactor's, Prodigy's...) per encoder key and its groups' numbers (Prodigy's step size d), with the
+        hash of the vectors they belong to (tensors and JSON only; no pickle)."""
         from safetensors.torch import save_file
 
         if not (self.write and self.config.save_optimizer_state):
             return
-        state = optimizer.state_dict()["state"]
+        saved = optimizer.state_dict()
+        state = saved["state"]
         if not state:  # stopped before the first step: nothing to continue
             return
-        tensors = {}
+        tensors, scalars, zero_dim = {}, {}, set()
         for index, key in enumerate(embedding.vectors):
-            for name in ("exp_avg", "exp_avg_sq", "step"):
-                value = torch.as_tensor(state[index][name]).detach().float().cpu()
-                tensors[f"{key}.{name}"] = value.reshape(1) if name == "step" else value.contiguous()
+            for name, value in state[index].items():
+                if isinstance(value, torch.Tensor):
+                    if value.dim() == 0:
+                        zero_dim.add(name)
+                    tensors[f"{key}.{name}"] = value.detach().cpu().reshape(-1 if value.dim() == 0 else value.shape)
+                elif isinstance(value, bool | int | float):
+                    scalars[name] = type(value).__name__
+                    kind = torch.float64 if isinstance(value, float) else torch.int64
+                    tensors[f"{key}.{name}"] = torch.tensor([value], dtype=kind)
+        groups = [
+            {name: value for name, value in group.items() if name not in ("params", "lr") and _is_number(value)}
+            for group in saved["param_groups"]
+        ]
         metadata = {
             "vectors_sha256": vectors_hash(embedding.vectors),
             "step": str(embedding.step),
-            "optimizer": "AdamW",
+            "optimizer": OPTIMIZER_NAMES.get(self.config.optimizer, self.config.optimizer),
+            "zero_dim": json.dumps(sorted(zero_dim)),
+            "scalars": json.dumps(scalars),
+            "param_groups": json.dumps(groups),
         }
         atomic_write(self.optimizer_path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
 
     def load_optimizer_state(self, optimizer, embedding: Embedding) -> str:
-        """Restore the optimizer state saved with these exact vectors; otherwise say why a fresh one is used."""
+        """Restore the optimizer state saved with these exact vectors by the same optimizer; otherwise say why
+        a fresh one is used."""
         from safetensors import safe_open
 
         if not self.optimizer_path.is_file():
@@ -160,15 +176,39 @@ class RunFolder:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
         if metadata.get("vectors_sha256") != vectors_hash(embedding.vectors):
             return "the saved optimizer state belongs to other vectors, starting a fresh optimizer"
+        wanted = OPTIMIZER_NAMES.get(self.config.optimizer, self.config.optimizer)
+        if metadata.get("optimizer", "AdamW") != wanted:
+            return f"the saved optimizer state is {metadata.get('optimizer')}'s, starting a fresh {wanted}"
+        zero_dim = set(json.loads(metadata.get("zero_dim", '["step"]')))  # files before this field: AdamW's
+        scalars = json.loads(metadata.get("scalars", "{}"))
         state = {}
         for index, key in enumerate(embedding.vectors):
-            state[index] = {
-                "step": tensors[f"{key}.step"].reshape(()),
-                "exp_avg": tensors[f"{key}.exp_avg"],
-                "exp_avg_sq": tensors[f"{key}.exp_avg_sq"],
-            }
-        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+            entries = {}
+            for tensor_key, value in tensors.items():
+                owner, _, name = tensor_key.rpartition(".")
+                if owner != key:
+                    continue
+                if name in scalars:
+                    entries[name] = {"int": int, "float": float, "bool": bool}[scalars[name]](value.item())
+                else:
+                    entries[name] = value.reshape(()) if name in zero_dim else value
+            state[index] = entries
+        groups = optimizer.state_dict()["param_groups"]
+        for group, saved in zip(groups, json.loads(metadata.get("param_groups", "[]")), strict=False):
+            group.update({name: value for name, value in saved.items() if name in group})
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
         return "optimizer state restored"
+
+
+OPTIMIZER_NAMES = {"adamw": "AdamW"}  # as files before the optimizer setting name it
+
+
+def _is_number(value: Any) -> bool:
+    """A group's running number (Prodigy's d, d_max, k...); not a flag such as `fused`, which belongs to the
+    device the run resumes on."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def vectors_hash(vectors: Mapping[str, torch.Tensor]) -> str:

@@ -16,8 +16,10 @@ from ..actions import (
     PollUpdate,
     dropdown_names,
     interrupt_training,
+    load_preset_action,
     poll_training,
     promote_action,
+    save_preset_action,
     scan_action,
     snapshot_choices,
     snapshot_steps,
@@ -46,6 +48,7 @@ ROWS = (
     ("preview_prompt", "preview_seed"),
 )
 ADVANCED_ROWS = (
+    ("optimizer", "lr_scheduler", "lr_cycles"),
     ("warmup_steps", "grad_clip", "grad_clip_value", "seed"),
     ("data.repeats", "data.alpha_weight", "norm_control"),
     ("min_snr_gamma", "noise_offset", "timestep_min", "timestep_max"),
@@ -95,6 +98,7 @@ def _component_options(item: Setting) -> tuple[type, dict[str, Any]]:
 def _tab_overrides(backend: Backend) -> dict[str, tuple[type | None, dict[str, Any]]]:
     """What the Train tab shows differently from the declaration: the web UI's own defaults and pickers."""
     from ti_core.data import BUILTIN_TEMPLATES
+    from ti_core.train.optimizers import usable_optimizers
 
     templates = list(BUILTIN_TEMPLATES)
     if backend.templates_dir and Path(backend.templates_dir).is_dir():
@@ -106,6 +110,8 @@ def _tab_overrides(backend: Backend) -> dict[str, tuple[type | None, dict[str, A
         "data.resolution": (None, {"value": backend.default_resolution()}),
         "mixed_precision": (None, {"value": _precision_default(backend)}),
         "grad_clip": (gr.Radio, {}),
+        # adamw8bit only where it can run (CUDA with bitsandbytes); the route and CLI say why elsewhere.
+        "optimizer": (None, {"choices": usable_optimizers(setting_named("optimizer").choices)}),
         "method": (gr.Radio, {"info": METHOD_INFO}),
         "preview_prompt": (None, {"scale": 3}),
     }
@@ -163,7 +169,40 @@ def _dataset_rows(backend: Backend) -> tuple[dict[str, Any], Any, Any, Any]:
     return fields, scan, dataset_info, dataset_preview
 
 
-def _train_settings_column(backend: Backend) -> tuple[Any, dict[str, Any], list]:
+def _preset_row(backend: Backend) -> dict[str, Any]:
+    """A preset picker with Load, and a name with Save (ti_core.preset), by part."""
+    from ti_core.preset import preset_names
+
+    with make_component(gr.Row, elem_id="ti_train_presets"):
+        parts = {
+            "preset": make_component(
+                gr.Dropdown, choices=preset_names(backend.log_dir), value=None, label="Preset",
+                elem_id="ti_train_preset", scale=3,
+            ),
+            "load": make_component(gr.Button, value="Load", size="sm", elem_id="ti_train_preset_load", scale=0, min_width=70),
+            "name": make_component(
+                gr.Textbox, label="Save the settings as", placeholder="preset name", elem_id="ti_train_preset_name",
+                scale=3,
+            ),
+            "save": make_component(gr.Button, value="Save", size="sm", elem_id="ti_train_preset_save", scale=0, min_width=70),
+        }  # fmt: skip
+    return parts
+
+
+def _wire_presets(backend: Backend, parts: dict[str, Any], fields: dict[str, Any], status) -> None:
+    """Load sets the fields from the preset (by setting key); Save writes the fields' values as a preset."""
+    keys = list(fields)
+    parts["load"].click(
+        lambda preset: load_preset_action(backend, preset, keys), parts["preset"], [*fields.values(), status]
+    )
+    parts["save"].click(
+        lambda name, *values: save_preset_action(backend, name, keys, *values),
+        [parts["name"], *fields.values()],
+        [parts["preset"], status],
+    )
+
+
+def _train_settings_column(backend: Backend) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The settings column; returns the embedding picker, the setting fields by setting key, and the scan
     inputs."""
     names = embedding_names(backend.embeddings_dir)
@@ -178,19 +217,20 @@ def _train_settings_column(backend: Backend) -> tuple[Any, dict[str, Any], list]
         )
         refresh = refresh_button("ti_train_refresh")
     refresh.click(lambda current: dropdown_names(backend, current), embedding, embedding)
+    presets = _preset_row(backend)
     fields, scan, dataset_info, dataset_preview = _dataset_rows(backend)
     fields.update(_setting_rows(backend, ROWS, ADVANCED_ROWS))
     scan_inputs = [fields[key] for key in ("data.images", "data.recursive", "data.resolution", "data.buckets")]
     images, recursive = fields["data.images"], fields["data.recursive"]
     for trigger in (scan.click, images.submit, recursive.change):
         trigger(scan_action, scan_inputs, [dataset_info, dataset_preview])
-    return embedding, fields, scan_inputs
+    return embedding, fields, presets
 
 
 def train_tab(demo, backend: Backend):
     with gr.Row():
         with make_component(gr.Column, scale=5, elem_id="ti_train_settings"):
-            embedding, fields, _ = _train_settings_column(backend)
+            embedding, fields, presets = _train_settings_column(backend)
         with make_component(gr.Column, scale=4, elem_id="ti_train_results"):
             with gr.Row():
                 train = make_component(gr.Button, value="Train", variant="primary", elem_id="ti_train_button")
@@ -214,6 +254,7 @@ def train_tab(demo, backend: Backend):
     for changed in (embedding.change, result.change):  # another embedding picked, or a run ended
         changed(lambda chosen: snapshot_choices(backend, chosen), embedding, snapshot)
     promote.click(lambda *args: promote_action(backend, *args), [embedding, snapshot], snapshot_status)
+    _wire_presets(backend, presets, fields, status)
     seen = gr.State({})
     by_name = {"progress": progress, "plot": plot, "previews": previews, "status": status, "result": result}
     by_name.update(train=train, resume=resume, interrupt=interrupt, norm_plot=norm_plot, seen=seen)
