@@ -229,11 +229,12 @@
         }
     }
 
-    // The Train tab's progress: a click on its hidden update button (ti_ui.compat._poll) about once a
+    // The Train tab's progress: a click on its hidden update button (ti_ui.compat.poll_every_second) about once a
     // second while the tab is on screen, or while a run goes (its Interrupt button is enabled), so the end
     // of a run reaches this page (and refreshHostCards) wherever the user is. One click at a time: the
     // next waits for the answer to the last (the "ti-poll-done" event), or for POLL_LOST_MS if an answer
-    // never comes. No gradio timer: every= and gr.Timer do not work under every web UI's gradio queue.
+    // never comes. This is gradio 3's path (A1111, SD.Next), whose queues drop every= events; on gradio 4.40
+    // and newer the tab uses gr.Timer and has no such button.
     var POLL_MS = 1000;
     var POLL_LOST_MS = 15000;
     var pollSent = 0;
