@@ -183,8 +183,10 @@ def test_modern_ui_tab_progress_in_two_sessions_cards_and_layout(sdnext, sdnext_
         watcher.tab("Train")
         # The loss plot stays in its column: the form beside it can be clicked and typed into.
         ui.field("ti_train_dataset").click(timeout=120_000)  # nothing covers it (no "intercepts pointer events")
-        plot, form = (page.locator(f"#{i}").first.bounding_box() for i in ("ti_train_loss_plot", "ti_train_settings"))
-        assert not _overlap(plot, form), (plot, form)  # beside the form or under it, as the width allows
+        form = page.locator("#ti_train_settings").first.bounding_box()
+        for plot_id in ("ti_train_loss_plot", "ti_train_norm_plot"):
+            plot = page.locator(f"#{plot_id}").first.bounding_box()
+            assert not _overlap(plot, form), (plot_id, plot, form)  # beside the form or under it, as the width allows
         ui.fill("ti_train_dataset", sdnext_workspace["data"])
         ui.fill("ti_train_steps", 3)
         ui.fill("ti_train_resolution", 64)
