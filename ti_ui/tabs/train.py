@@ -283,52 +283,40 @@ def _snapshot_row(backend: Backend, name: str | None) -> tuple[Any, Any, Any]:
 
 
 def _loss_plot():
-    """gradio's line plot of `loss_frame` rows. The keywords of every version are given and `make_component` keeps
-    those this one knows: gradio 3 draws at a fixed width (it cannot fill its column) with the legend
+    return _line_plot(
+        "loss", "loss", {CURVES[0]: "#a8c1ec", CURVES[1]: "#1f4fbf"}, 240, "Loss", "ti_train_loss_plot"
+    )  # the noisy curve faint, where gradio can
+
+
+def _norm_plot():
+    """The largest vector's norm as a multiple of the vocabulary's mean, with the warning threshold."""
+    colors = {NORM_CURVES[0]: "#1f4fbf", NORM_CURVES[1]: "#d98200"}
+    return _line_plot("norm", "norm / vocabulary mean", colors, 160, "Vector norm", "ti_train_norm_plot")
+
+
+def _line_plot(y: str, y_title: str, color_map: dict[str, str], height: int, label: str, elem_id: str):
+    """gradio's line plot of (step, `y`, curve) rows. The keywords of every version are given and `make_component`
+    keeps those this one knows: gradio 3 draws at a fixed width (it cannot fill its column) with the legend
     below, the newest fills the column."""
     return make_component(
         gr.LinePlot,
         value=None,
         x="step",
-        y="loss",
+        y=y,
         color="curve",
-        color_map={CURVES[0]: "#a8c1ec", CURVES[1]: "#1f4fbf"},  # the noisy curve faint, where gradio can
+        color_map=color_map,
         x_title="step",
-        y_title="loss",
-        tooltip=["step", "loss", "curve"],
+        y_title=y_title,
+        tooltip=["step", y, "curve"],
         color_legend_title=" ",
         color_title=" ",
         color_legend_position="bottom",
         overlay_point=False,
         width=400,
-        height=240,
-        label="Loss",
+        height=height,
+        label=label,
         show_label=False,
-        elem_id="ti_train_loss_plot",
-    )
-
-
-def _norm_plot():
-    """The largest vector's norm as a multiple of the vocabulary's mean, with the warning threshold."""
-    return make_component(
-        gr.LinePlot,
-        value=None,
-        x="step",
-        y="norm",
-        color="curve",
-        color_map={NORM_CURVES[0]: "#1f4fbf", NORM_CURVES[1]: "#d98200"},
-        x_title="step",
-        y_title="norm / vocabulary mean",
-        tooltip=["step", "norm", "curve"],
-        color_legend_title=" ",
-        color_title=" ",
-        color_legend_position="bottom",
-        overlay_point=False,
-        width=400,
-        height=160,
-        label="Vector norm",
-        show_label=False,
-        elem_id="ti_train_norm_plot",
+        elem_id=elem_id,
     )
 
 
