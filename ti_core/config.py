@@ -21,6 +21,8 @@ from .settings import Setting, setting, settings_of
 MIXED_PRECISION = ("no", "fp16", "bf16")
 GRAD_CLIP = ("disabled", "value", "norm")
 OPTIMIZERS = ("adamw", "adafactor", "prodigy", "adamw8bit")
+# ti_core.preview.SAMPLERS: the diffusers scheduler behind each name.
+PREVIEW_SAMPLERS = ("dpm++_2m", "dpm++_2m_karras", "euler", "euler_a", "ddim", "unipc")
 LR_SCHEDULERS = ("schedule", "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 
 
@@ -167,20 +169,41 @@ class TrainConfig:
         4, group="outputs", advanced=True, minimum=1, label="Validation samples",
         elem_id="ti_train_validation_samples",
     )  # fmt: skip
+    # Previews: several prompts (one per line), each rendered with the same seed at every preview step.
     preview_prompt: str = setting(
-        "", "default: a template line with the first image's caption", group="outputs",
-        label="Preview prompt (empty: a template line with a caption)", elem_id="ti_train_preview_prompt",
+        "", "one prompt per line (default: a template line with the first image's caption)", group="outputs",
+        label="Preview prompts, one per line (empty: a template line with a caption)",
+        elem_id="ti_train_preview_prompt",
     )  # fmt: skip
     preview_negative_prompt: str = setting(
-        "", group="outputs", advanced=True, label="Preview negative prompt", elem_id="ti_train_preview_negative_prompt"
+        "", group="outputs", label="Preview negative prompt", elem_id="ti_train_preview_negative_prompt"
     )
-    preview_seed: int = setting(0, group="outputs", label="Preview seed", elem_id="ti_train_preview_seed")
+    preview_sampler: str = setting(
+        "dpm++_2m", "the previews' sampler", group="outputs", choices=PREVIEW_SAMPLERS, label="Preview sampler",
+        elem_id="ti_train_preview_sampler",
+    )  # fmt: skip
     preview_steps: int = setting(
         20, group="outputs", minimum=1, label="Preview sampling steps", elem_id="ti_train_preview_steps"
     )
     preview_guidance: float = setting(
-        7.0, group="outputs", advanced=True, minimum=0, label="Preview CFG scale", elem_id="ti_train_preview_guidance"
+        7.0, group="outputs", minimum=0, label="Preview CFG scale", elem_id="ti_train_preview_guidance"
     )
+    preview_seed: int = setting(0, group="outputs", label="Preview seed", elem_id="ti_train_preview_seed")
+    preview_width: int = setting(
+        0, "preview width in pixels, a multiple of 8 (0 = the training resolution)", group="outputs", minimum=0,
+        maximum=4096, label="Preview width (0: the training resolution)", elem_id="ti_train_preview_width",
+    )  # fmt: skip
+    preview_height: int = setting(
+        0, "preview height in pixels, a multiple of 8 (0 = the training resolution)", group="outputs", minimum=0,
+        maximum=4096, label="Preview height (0: the training resolution)", elem_id="ti_train_preview_height",
+    )  # fmt: skip
+    # A negative embedding (trained on what the user wants less of) is used in the negative prompt, so its
+    # previews put it there, each beside the same image without it. The training itself is the same.
+    negative_embedding: bool = setting(
+        False, "a negative embedding: previews put it in the negative prompt, beside the image without it",
+        group="outputs", label="Negative embedding (previews use it in the negative prompt, beside one without)",
+        elem_id="ti_train_negative_embedding",
+    )  # fmt: skip
     save_optimizer_state: bool = setting(
         True, group="outputs", advanced=True, label="Save the optimizer state (for an exact resume)",
         elem_id="ti_train_save_optimizer_state",
@@ -277,6 +300,11 @@ def _check(config: TrainConfig) -> None:
             f"lr_scheduler {config.lr_scheduler} takes one learning rate, not the stages "
             f"{config.learning_rate!r}: give a single rate or use lr_scheduler schedule"
         )
+    for side in ("preview_width", "preview_height"):
+        if getattr(config, side) % 8:
+            raise ValueError(
+                f"{side} must be a multiple of 8 (or 0 for the training resolution), not {getattr(config, side)}"
+            )
     if config.resume and config.overwrite:
         raise ValueError("resume and overwrite exclude each other")
 

@@ -44,15 +44,19 @@ ROWS = (
     ("data.resolution", "data.buckets", "data.flip"),
     ("data.shuffle_tags", "data.tag_dropout", "data.latent_sampling"),
     ("mixed_precision", "gradient_checkpointing"),
-    ("save_every", "preview_every", "preview_steps"),
-    ("preview_prompt", "preview_seed"),
+    ("save_every", "preview_every"),
+)
+# In their own accordion, open: what a preview shows is chosen with the run.
+PREVIEW_ROWS = (
+    ("preview_prompt", "preview_negative_prompt"),
+    ("preview_sampler", "preview_steps", "preview_guidance", "preview_seed"),
+    ("preview_width", "preview_height", "negative_embedding"),
 )
 ADVANCED_ROWS = (
     ("optimizer", "lr_scheduler", "lr_cycles"),
     ("warmup_steps", "grad_clip", "grad_clip_value", "seed"),
     ("data.repeats", "data.alpha_weight", "norm_control"),
     ("min_snr_gamma", "noise_offset", "timestep_min", "timestep_max"),
-    ("preview_negative_prompt", "preview_guidance"),
     ("validation_every", "validation_samples"),
     ("cache_latents", "compile", "save_optimizer_state"),
 )
@@ -113,7 +117,8 @@ def _tab_overrides(backend: Backend) -> dict[str, tuple[type | None, dict[str, A
         # adamw8bit only where it can run (CUDA with bitsandbytes); the route and CLI say why elsewhere.
         "optimizer": (None, {"choices": usable_optimizers(setting_named("optimizer").choices)}),
         "method": (gr.Radio, {"info": METHOD_INFO}),
-        "preview_prompt": (None, {"scale": 3}),
+        "preview_prompt": (None, {"lines": 2, "scale": 3}),
+        "preview_negative_prompt": (None, {"lines": 2, "scale": 2}),
     }
 
 
@@ -127,7 +132,7 @@ def _setting_rows(backend: Backend, rows, advanced_rows) -> dict[str, Any]:
     """The setting fields (but the dataset row's), by setting key, in their rows and the Advanced accordion."""
     overrides = _tab_overrides(backend)
     shown = {item.key: item for item in tab_settings()}
-    placed = {key for row in (*rows, *advanced_rows, *EDITABILITY_ROWS, DATASET_ROW) for key in row}
+    placed = {key for row in (*rows, *advanced_rows, *PREVIEW_ROWS, *EDITABILITY_ROWS, DATASET_ROW) for key in row}
     extra = [key for key in shown if key not in placed]
     basic = [*rows, *((key,) for key in extra if not shown[key].advanced)]
     advanced = [*advanced_rows, *((key,) for key in extra if shown[key].advanced)]
@@ -135,6 +140,10 @@ def _setting_rows(backend: Backend, rows, advanced_rows) -> dict[str, Any]:
     for row in basic:
         with gr.Row():
             fields.update((key, _setting_component(shown[key], overrides)) for key in row if key in shown)
+    with make_component(gr.Accordion, label="Previews", open=True, elem_id="ti_train_preview_settings"):
+        for row in PREVIEW_ROWS:
+            with gr.Row():
+                fields.update((key, _setting_component(shown[key], overrides)) for key in row if key in shown)
     with make_component(gr.Accordion, label="Editability", open=False, elem_id="ti_train_editability"):
         for row in EDITABILITY_ROWS:
             with gr.Row():
