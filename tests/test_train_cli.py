@@ -57,6 +57,8 @@ def error_lines(text: str) -> list[str]:
         (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--learning-rate", "0.1:x"], "error: Invalid learning rate schedule: '0.1:x'"),
         (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--resolution", "65"], "error: resolution must be a multiple of 8"),
         (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--mixed-precision", "fp8"], "error: argument --mixed-precision: invalid choice"),
+        (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--preview-width", "100"], "error: preview_width must be a multiple of 8"),
+        (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--preview-sampler", "heun"], "error: argument --preview-sampler: invalid choice"),
         (["--name", "cat", "--embeddings-dir", "e", "--images", "i", "--config", "missing.json"], "error: --config missing.json: No such file"),
     ],
 )  # fmt: skip

@@ -1,5 +1,5 @@
-"""Rendering one image with embeddings that are never registered in a tokenizer: the training previews and
-the standalone app's Try-it panel."""
+"""Rendering images with embeddings that are never registered in a tokenizer (the training previews and
+the standalone app's Try-it panel), and laying previews out in labelled grids."""
 
 from __future__ import annotations
 
@@ -11,6 +11,33 @@ import torch
 
 from .prompt import encode_prompts
 from .timodel import TIModel
+
+# The preview samplers by name (ti_core.config.PREVIEW_SAMPLERS): a diffusers scheduler class and what its
+# config changes. Each is made from the model's own scheduler config, so the betas, the prediction type and
+# zero-terminal SNR (ti_core.zero_snr) carry over.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {"set_alpha_to_one": False}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def sampling_scheduler(name: str, scheduler: Any) -> Any:
+    """The scheduler that samples with `name` (a SAMPLERS key; "model": `scheduler` itself)."""
+    import diffusers
+
+    if name == "model":
+        return scheduler
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown preview sampler {name!r}: use one of {', '.join(SAMPLERS)}")
+    class_name, changes = SAMPLERS[name]
+    return getattr(diffusers, class_name).from_config({**scheduler.config, **changes})
 
 
 def uncompiled():
@@ -31,18 +58,15 @@ def render_image(
     width: int,
     height: int,
     guidance: float,
-    sampler: str = "model",
+    sampler: str = "dpm++_2m",
     generator_device: torch.device | str | None = None,
 ):
     """One image of `prompt` (a PIL image) through diffusers' pipeline of `model`, conditioned by our prompt
-    encoder with `embeddings` ({name: vectors} or Embedding objects). ``sampler``: "model" (the model's own
-    scheduler) or "dpm++" (DPM-Solver++). The noise comes from a generator on `generator_device` (default:
+    encoder with `embeddings` ({name: vectors} or Embedding objects). ``sampler``: a SAMPLERS name, or
+    "model" (the model's own scheduler). The noise comes from a generator on `generator_device` (default:
     the UNet's) seeded with `seed`."""
-    from diffusers import DPMSolverMultistepScheduler
-
     pipeline = model.pipeline()
-    if sampler == "dpm++":
-        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler.config)
+    pipeline.scheduler = sampling_scheduler(sampler, model.scheduler)
     pipeline.set_progress_bar_config(disable=True)
     device = generator_device if generator_device is not None else model.unet.device
     with torch.no_grad(), uncompiled():
@@ -65,3 +89,28 @@ def render_image(
         # Decoded here in the VAE's own dtype: the UNet may be half precision, the VAE usually is not.
         image = model.vae.decode(latents.to(model.vae.dtype) / model.vae.config.scaling_factor).sample
     return pipeline.image_processor.postprocess(image.float(), output_type="pil")[0]
+
+
+LABEL_HEIGHT = 18  # pixels of a grid's label strip: the default bitmap font is 11 px high
+
+
+def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str] = (), column_labels: Sequence[str] = ()):
+    """PIL images laid out in rows (each row as many as the first; every image the first's size), with an
+    optional label strip on top of each column and left of each row. Missing labels leave no strip."""
+    from PIL import Image, ImageDraw
+
+    width, height = rows[0][0].size
+    columns = len(rows[0])
+    left = 8 + 7 * max((len(label) for label in row_labels), default=0) if row_labels else 0
+    top = LABEL_HEIGHT if column_labels else 0
+    grid = Image.new("RGB", (left + columns * width, top + len(rows) * height), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, label in enumerate(column_labels):
+        draw.text((left + column * width + 4, 3), label, fill="black")
+    for row_index, row in enumerate(rows):
+        y = top + row_index * height
+        if row_index < len(row_labels):
+            draw.text((4, y + height // 2 - 6), row_labels[row_index], fill="black")
+        for column, image in enumerate(row):
+            grid.paste(image.convert("RGB"), (left + column * width, y))
+    return grid

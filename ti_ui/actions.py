@@ -373,7 +373,8 @@ def run_history(folder: str | None, name: str) -> tuple[list[tuple[int, float]],
         match = pattern.match(image.stem)
         if match:
             images.append((int(match.group(1)), str(image)))
-    return losses, [path for _, path in sorted(images)]
+    by_step = root / "images" / f"{name}-by-step.png"  # the run's previews compared by step, shown first
+    return losses, [path for _, path in sorted(images)] + ([str(by_step)] if by_step.is_file() else [])
 
 
 def _preview_items(paths: Sequence[str]) -> list:

@@ -31,7 +31,7 @@ from .clock import Clock
 from .events import TrainEvent, TrainResult
 from .loss import batch_loss, control_norms, noise_scheduler_for, step_generators, vocabulary_norm_limits
 from .optimizers import learning_rate_function, make_optimizer
-from .outputs import Outputs, default_preview_prompt, detached, validation_set
+from .outputs import Outputs, detached, preview_prompts, validation_set
 from .patching import autocast, training_mode
 from .processes import Processes
 from .run_folder import RunFolder, model_facts
@@ -147,7 +147,7 @@ def _prepare(model: TIModel, config: TrainConfig, run: RunFolder, procs: Process
     outputs = Outputs(
         model, config, run, procs, embedding, emit, noise_scheduler,
         validation=validation_set(dataset, template, config, device) if config.validation_every else [],
-        preview_prompt=config.preview_prompt or default_preview_prompt(dataset, template, config),
+        preview_prompts=preview_prompts(dataset, template, config),
         half=half, vocabulary_norms=editability.mean_norms,
     )  # fmt: skip
     run.model_facts = model_facts(model)

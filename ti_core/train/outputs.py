@@ -17,7 +17,7 @@ from ..data import render_prompt
 from ..embedding import Embedding
 from ..formats import save_embedding
 from ..names import embedding_path
-from ..preview import render_image, uncompiled
+from ..preview import image_grid, render_image, uncompiled
 from ..prompt import encode_prompts
 from ..timodel import TIModel
 from .events import TrainEvent, TrainResult
@@ -89,21 +89,71 @@ def validation_loss(
     return total / len(samples)
 
 
-def render_preview(model: TIModel, name: str, vectors, prompt: str, config: TrainConfig):
-    """One image of `prompt` with the embedding's current vectors (never registered in a tokenizer), at a
-    fixed seed, with DPM-Solver++ through diffusers. Returns a PIL image."""
+STEP_GRID_ROWS = 8  # the most preview steps the by-step grid compares (evenly spread, the last always in)
+
+
+def render_preview(model: TIModel, name: str, vectors, prompts: list[str], config: TrainConfig, without=None):
+    """The preview at these vectors: one image per prompt, side by side, all at the same seed (so previews
+    compare step to step) with the preview settings. A negative embedding's preview has two rows: each prompt
+    without it, and with it in the negative prompt. ``without`` caches the first row by prompt: it does not
+    change with the vectors. Returns a PIL image."""
     size = config.data.resolution
-    return render_image(
-        model, prompt, config.preview_negative_prompt, {name: vectors}, seed=config.preview_seed,
-        steps=config.preview_steps, width=size, height=size, guidance=config.preview_guidance, sampler="dpm++",
-    )  # fmt: skip
+
+    def one(prompt: str, negative: str, embeddings):
+        return render_image(
+            model, prompt, negative, embeddings, seed=config.preview_seed, steps=config.preview_steps,
+            width=config.preview_width or size, height=config.preview_height or size,
+            guidance=config.preview_guidance, sampler=config.preview_sampler,
+        )  # fmt: skip
+
+    negative = config.preview_negative_prompt
+    if not config.negative_embedding:
+        images = [one(prompt, negative, {name: vectors}) for prompt in prompts]
+        return images[0] if len(images) == 1 else image_grid([images])
+    without = {} if without is None else without
+    plain = [without.get(prompt) or without.setdefault(prompt, one(prompt, negative, {})) for prompt in prompts]
+    negative_with = ", ".join(part for part in (negative.strip(), name) if part)
+    used = [one(prompt, negative_with, {name: vectors}) for prompt in prompts]
+    return image_grid([plain, used], row_labels=["without", f"negative: {name}"])
 
 
-def default_preview_prompt(dataset, template: list[str], config: TrainConfig) -> str:
+def preview_prompts(dataset, template: list[str], config: TrainConfig) -> list[str]:
+    """The preview prompts: the setting's lines, else one default. A normal embedding's default is a template
+    line with the first image's caption; a negative embedding's is that caption alone (its previews put the
+    token in the negative prompt, not in this one)."""
+    lines = [line.strip() for line in config.preview_prompt.splitlines() if line.strip()]
+    if lines:
+        return lines
+    if config.negative_embedding:
+        caption = dataset.captions[0].strip() if dataset.captions else ""
+        return [caption or "a photo"]
     rng = random.Random(config.preview_seed)
-    return render_prompt(
-        rng.choice(template), config.name, dataset.captions[0], shuffle_tags=False, tag_dropout=0.0, rng=rng
-    )
+    return [
+        render_prompt(
+            rng.choice(template), config.name, dataset.captions[0], shuffle_tags=False, tag_dropout=0.0, rng=rng
+        )
+    ]
+
+
+def step_grid(run: RunFolder):
+    """The run folder's previews compared by step, a row each (at most STEP_GRID_ROWS, evenly spread, the last
+    always in), labelled with the step; None with fewer than two previews of the newest one's size."""
+    from PIL import Image
+
+    found = run.preview_images()
+    if len(found) < 2:
+        return None
+    picked = [found[round(index * (len(found) - 1) / (STEP_GRID_ROWS - 1))] for index in range(STEP_GRID_ROWS)]
+    picked = list(dict.fromkeys(picked))  # fewer previews than rows: each once
+    images = []
+    for step, path in picked:
+        with Image.open(path) as image:
+            images.append((step, image.convert("RGB")))
+    size = images[-1][1].size  # the preview settings may have changed between runs: the newest size only
+    images = [(step, image) for step, image in images if image.size == size]
+    if len(images) < 2:
+        return None
+    return image_grid([[image] for _, image in images], row_labels=[f"step {step}" for step, _ in images])
 
 
 @dataclass
@@ -119,9 +169,15 @@ class Outputs:
     emit: Callable[[TrainEvent], None]
     noise_scheduler: Any
     validation: list[ValidationSample]
-    preview_prompt: str
+    preview_prompts: list[str]
     half: torch.dtype | None
     vocabulary_norms: dict[str, float] = field(default_factory=dict)
+    previews_without: dict[str, Any] = field(default_factory=dict)  # a negative embedding's unchanging row
+
+    def preview(self, vectors):
+        return render_preview(
+            self.model, self.config.name, vectors, self.preview_prompts, self.config, self.previews_without
+        )
 
     def at(self, vectors, step: int) -> Embedding:
         """The embedding with these vectors at this step, with what the web UIs and a re-run need to know."""
@@ -150,7 +206,7 @@ class Outputs:
         if _due(step, config.validation_every):
             self.validate(vectors, step)
         if _due(step, config.preview_every):
-            image = render_preview(self.model, config.name, detached(vectors), self.preview_prompt, config)
+            image = self.preview(detached(vectors))
             path = run.save_image(image, run.image_path(step))
             self.emit(TrainEvent("preview", step, total, path=path, image=image, message=f"Preview {path}"))
 
@@ -175,8 +231,12 @@ class Outputs:
             if stopped in ("done", "interrupted"):  # after a failure the optimizer state may be the bad step's
                 run.save_optimizer_state(optimizer, final)
             if stopped == "done" and config.preview_every:  # the card image the web UIs show for the embedding
-                image = render_preview(self.model, config.name, good, self.preview_prompt, config)
+                image = self.preview(good)
                 run.save_image(image, embedding_path(config.embeddings_dir, config.name, ".preview.png"))
+            if stopped in ("done", "interrupted") and config.preview_every:
+                grid = step_grid(run)
+                if grid is not None:
+                    run.save_image(grid, run.step_grid_path)
             run.flush()
         if stopped == "done" and procs.world > 1:
             message = f"{procs.world} processes finished with {'identical' if procs.identical(good) else 'DIFFERENT'} vectors"

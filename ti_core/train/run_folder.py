@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,17 @@ class RunFolder:
     best_path = property(lambda self: self.folder / f"{self.name}-best.safetensors")
     optimizer_path = property(lambda self: self.folder / f"{self.name}.optim.safetensors")
 
+    step_grid_path = property(lambda self: self.folder / "images" / f"{self.name}-by-step.png")
+
     def image_path(self, step: int) -> Path:
         return self.folder / "images" / f"{self.name}-{step}.png"
+
+    def preview_images(self) -> list[tuple[int, Path]]:
+        """The previews in the images folder (this run's and earlier ones'), as (step, path) by step."""
+        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)$")
+        folder = self.folder / "images"
+        found = [(int(match[1]), path) for path in folder.glob("*.png") if (match := pattern.match(path.stem))]
+        return sorted(found)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
