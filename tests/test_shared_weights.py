@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -328,3 +329,39 @@ def test_a_checkpoint_with_sd_widths_but_other_blocks_is_built_from_its_yaml(tmp
     context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model.unet(latents, 5, context).sample, pipeline.unet(latents, 5, context).sample)
+
+
+def test_a_zero_terminal_snr_model_in_the_web_ui_is_trained_on_its_schedule(a1111_with_sd_model, tmp_path, one_thread):
+    """The web UI's loaded model is zero-terminal-SNR when its checkpoint says so (the `ztsnr` marker key of
+    NoobAI-XL v-pred, read from the header only) or when the web UI is set to sample it that way; the run
+    trains on the rescaled schedule and records it."""
+    from safetensors.torch import save_file
+
+    from ti_host.backend import HostBackend
+
+    host, sd_model = a1111_with_sd_model
+    backend = HostBackend()
+    assert not backend.current_model().zero_terminal_snr  # nothing says so
+
+    host.shared.opts.data["sd_noise_schedule"] = "Zero Terminal SNR"  # Settings > Sampler parameters
+    model = backend.current_model()
+    assert model.zero_terminal_snr and model.scheduler.alphas_cumprod[-1] < 1e-6
+    host.shared.opts.data["sd_noise_schedule"] = "Default"
+    assert not backend.current_model().zero_terminal_snr
+
+    marked = tmp_path / "noob-vpred.safetensors"  # stands for the checkpoint file the web UI loaded
+    save_file({"ztsnr": torch.zeros(0), "v_pred": torch.zeros(0)}, str(marked))
+    sd_model.sd_checkpoint_info.filename = str(marked)
+    assert backend.current_model().zero_terminal_snr
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (10, 200, 90)).save(images / "a.png")
+    config = TrainConfig(
+        name="ztsnr", embeddings_dir=backend.embeddings_dir, log_dir=tmp_path / "log", steps=1,
+        data=DataConfig(images=images, resolution=64), preview_every=0,
+    )  # fmt: skip
+    job = backend.start_training(config)
+    assert job.wait(300) and job.snapshot()["stopped"] == "done", job.snapshot()["message"]
+    recorded = json.loads((tmp_path / "log" / "ztsnr" / "settings.json").read_text())
+    assert recorded["model"]["zero_terminal_snr"] is True

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from ui_helpers import (
     UiPage,
     chromium_browser,
@@ -136,6 +137,10 @@ TAB_DEFAULTS = {
     "validation_samples": 4.0,
     "preview_negative_prompt": "",
     "preview_guidance": 7.0,
+    "preview_sampler": "dpm++_2m",
+    "preview_width": 0.0,
+    "preview_height": 0.0,
+    "negative_embedding": False,
     "save_optimizer_state": True,
 }
 # The settings that say which run this is rather than how it trains: the tab takes them from the picked
@@ -196,6 +201,22 @@ def test_advanced_fields_reach_the_training_config(tmp_path):
     assert (config.preview_negative_prompt, config.preview_guidance) == (" blurry ", 4.5)
     assert (config.data.alpha_weight, config.data.repeats) == (True, 3)
     assert (config.compile, config.cache_latents, config.save_optimizer_state) == (True, False, False)
+
+
+def test_the_preview_fields_reach_the_training_config(tmp_path):
+    values = tab_values(
+        data__images=str(tmp_path),
+        preview_prompt="a photo of cat\ncat on a beach",
+        preview_sampler="euler_a",
+        preview_width=768.0,
+        preview_height=512.0,
+        negative_embedding=True,
+    )
+    backend = extension.Backend(tmp_path / "emb", tmp_path / "log")
+    config = TrainConfig.from_dict(extension.train_settings(values, name="cat", backend=backend, resume=True))
+    assert config.preview_prompt.splitlines() == ["a photo of cat", "cat on a beach"]
+    assert (config.preview_sampler, config.preview_width, config.preview_height) == ("euler_a", 768, 512)
+    assert config.negative_embedding
 
 
 def test_a_bad_advanced_value_is_one_status_line(tiny_models, tmp_path):
@@ -988,13 +1009,16 @@ def test_after_resume_and_refusals_the_plot_and_previews_show_the_whole_history(
     save_embedding(create_embedding(tiny_models["sd1"], "cat", "cat", 1), backend.embeddings_dir)
     assert "Training cat to step 2" in extension.start_training(backend, False, "cat", *_train_values(images, steps=2))
     progress, plot, gallery, status, result, *_, seen = _poll_until_done({})
-    assert list(plot[plot["curve"] == "each step"]["step"]) == [1, 2] and len(gallery) == 2
+    assert list(plot[plot["curve"] == "each step"]["step"]) == [1, 2]
+    assert [caption for _, caption in gallery] == ["cat-by-step", "cat-2", "cat-1"]  # the comparison first
 
     status = extension.start_training(backend, True, "cat", *_train_values(images, steps=4))
     assert "Resuming cat to step 4" in status
     progress, plot, gallery, status, result, *_, seen = _poll_until_done(seen)
     assert list(plot[plot["curve"] == "each step"]["step"]) == [1, 2, 3, 4]  # not only the resumed steps
-    assert [caption for _, caption in gallery] == ["cat-4", "cat-3", "cat-2", "cat-1"]
+    assert [caption for _, caption in gallery] == ["cat-by-step", "cat-4", "cat-3", "cat-2", "cat-1"]
+    with Image.open(tmp_path / "log" / "cat" / "images" / "cat-by-step.png") as grid:
+        assert grid.height == 4 * 64  # the resumed run's grid compares all four steps
     assert "Step 4 / 4" in progress and "ti-status-ok" in status
 
     # A refused Resume (nothing left to train) is one line; the finished run stays on screen.
@@ -1051,11 +1075,11 @@ def test_in_the_page_the_train_tab_keeps_the_embeddings_history(ui, app):
     ui.click("ti_train_resume")
     ui.wait_text("ti_train_status", r"Trained zz-history to step 4", timeout=120)
     previews = "() => document.querySelectorAll('#ti_train_previews img').length"
-    ui.page.wait_for_function(f"{previews} === 4")  # steps 1-4, not only the resumed 3 and 4
+    ui.page.wait_for_function(f"{previews} === 5")  # steps 1-4 (not only the resumed 3 and 4) and their grid
     ui.click("ti_train_resume")  # nothing left to train: refused
     ui.wait_text("ti_train_status", r"already trained to step 4: set Steps above 4")
     ui.page.wait_for_timeout(2500)  # two polls: nothing of the finished run is wiped
-    assert ui.page.evaluate(previews) == 4
+    assert ui.page.evaluate(previews) == 5
     assert re.search(r"Step 4 / 4.*took", ui.text("ti_train_progress"))
     ui.screenshot("train-history-after-a-refused-resume")
 

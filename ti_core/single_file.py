@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import threading
 import zipfile
@@ -35,7 +36,12 @@ from .checkpoints import (
 )
 from .safe_pickle import CHECKPOINTS, RefusedGlobal, load_pickle
 from .timodel import ModelLoadError
-from .zero_snr import file_zero_terminal_snr, with_zero_terminal_snr
+from .zero_snr import (
+    file_zero_terminal_snr,
+    sidecar_zero_terminal_snr,
+    with_zero_terminal_snr,
+    zero_terminal_snr_from_checkpoint,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Safe .ckpt reading
@@ -108,6 +114,27 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dic
             f"cannot read {path}: not a valid safetensors file (truncated or corrupt?): {error}"
         ) from None
     return shapes, metadata
+
+
+def checkpoint_zero_terminal_snr(path: Path) -> bool | None:
+    """What a checkpoint says about zero terminal SNR without loading its tensors: a diffusers folder's scheduler
+    config; the `.yaml` beside a file, else a safetensors file's marker key and metadata (ti_core.zero_snr);
+    None when it says nothing or is unreadable.
+    For a model a web UI has loaded, whose tensors are shared rather than read."""
+    path = Path(path)
+    if path.is_dir():  # a diffusers folder: its scheduler config (which saves `false` as a default: no word)
+        config = path / "scheduler" / "scheduler_config.json"
+        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("rescale_betas_zero_snr"):
+            return True
+        return None
+    said = sidecar_zero_terminal_snr(path)
+    if said is not None or path.suffix.lower() != ".safetensors":
+        return said
+    try:
+        shapes, metadata = read_safetensors_header(path)
+    except ModelLoadError:
+        return None
+    return zero_terminal_snr_from_checkpoint(shapes.keys(), metadata)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -140,6 +140,8 @@ class HostBackend(Backend):
                 self._model_ref, self._model_key = weakref.ref(model), key
             if self._training and not model.shares_weights:
                 _move_model(model, self.host.device())
+            # Asked on every use: the web UI's setting may have changed since the model was built.
+            self._follow_noise_schedule(model, path, self.host.loaded_model())
         return model
 
     def _at_hand(self, path: Path, key: tuple):
@@ -222,6 +224,16 @@ class HostBackend(Backend):
         self._owner_probe = first.data_ptr() if first is not None else None
         self._shared_model = model
         return model
+
+    def _follow_noise_schedule(self, model, path: Path, owner: Any) -> None:
+        """Zero terminal SNR (ti_core.zero_snr) when the checkpoint says so (its .yaml, marker key or metadata),
+        else as the web UI is set to sample it (its setting may change between runs); the checkpoint's word wins."""
+        from ti_core.single_file import checkpoint_zero_terminal_snr
+        from ti_core.zero_snr import with_zero_terminal_snr
+
+        said = checkpoint_zero_terminal_snr(path)
+        on = said if said is not None else self.host.samples_with_zero_terminal_snr(owner)
+        model.scheduler = with_zero_terminal_snr(model.scheduler, on)
 
     def loaded_model(self):
         """A TIModel of the current checkpoint if one is at hand without reading the file, else None.

@@ -116,6 +116,14 @@ class Host:
             return data[key]
         return getattr(opts, key, default) if opts is not None else default
 
+    def samples_with_zero_terminal_snr(self, owner: Any) -> bool:
+        """Whether the web UI is set to treat its model as zero-terminal-SNR: A1111's and Forge's "Noise schedule
+        for sampling" setting, SD.Next's sampler option "rescale betas" (in its pipeline's scheduler config)."""
+        scheduler_config = getattr(getattr(owner, "scheduler", None), "config", None)
+        if owner is not None and hasattr(scheduler_config, "get") and not hasattr(owner, "first_stage_model"):
+            return bool(scheduler_config.get("rescale_betas_zero_snr", False))
+        return self.option("sd_noise_schedule", "Default") == "Zero Terminal SNR"
+
     def loaded_model(self) -> Any:
         """The web UI's current model, or None; never loads one.
 
