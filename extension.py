@@ -22,8 +22,12 @@ if __name__ == "__main__" and "--verbose" not in sys.argv[1:]:
     # Before gradio, torch and diffusers are imported: their import-time warnings are library output too.
     from ti_core.quiet import quiet_libraries
 
+    import atexit
+
     _quiet = quiet_libraries()
     _quiet.__enter__()  # for the process's lifetime (the app owns it)
+    # Left to the garbage collector at shutdown, its restoring would find the interpreter half torn down.
+    atexit.register(_quiet.__exit__, None, None, None)
 
 from ti_core.jobs import TrainingJob, current_job  # noqa: E402
 from ti_ui.actions import (  # noqa: E402

@@ -31,6 +31,16 @@ def run_cli(*args: str, cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
+def test_the_apps_help_prints_only_its_usage(tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_VERBOSITY")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "extension.py"), "--help"], capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.startswith("usage: python extension.py")
+    assert done.stderr == ""  # nothing from the shutdown (the quiet block once failed there)
+
+
 def lines(text: str) -> list[str]:
     """Lines as a terminal shows them, a progress bar's redraws (carriage returns) each counted."""
     return [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
