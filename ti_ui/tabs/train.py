@@ -49,8 +49,9 @@ ROWS = (
 # In their own accordion, open: what a preview shows is chosen with the run.
 PREVIEW_ROWS = (
     ("preview_prompt", "preview_negative_prompt"),
-    ("preview_sampler", "preview_steps", "preview_guidance", "preview_seed"),
-    ("preview_width", "preview_height", "negative_embedding"),
+    ("preview_sampler", "preview_steps", "preview_guidance"),
+    ("preview_seed", "preview_width", "preview_height"),
+    ("negative_embedding",),
 )
 ADVANCED_ROWS = (
     ("optimizer", "lr_scheduler", "lr_cycles"),
