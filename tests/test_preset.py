@@ -10,7 +10,9 @@ from ti_core.config import TrainConfig
 from ti_core.preset import SHIPPED_DIR, load_preset, preset_names, presets_dir, save_preset
 
 
-@pytest.mark.parametrize("name", ["subject (1-4 vectors)", "style (8-16 vectors)", "SDXL subject"])
+@pytest.mark.parametrize(
+    "name", ["subject (1-4 vectors)", "style (8-16 vectors)", "SDXL subject", "negative embedding (8 vectors)"]
+)
 def test_each_shipped_preset_makes_a_valid_config(tmp_path, name):
     settings = load_preset(name, tmp_path / "logs")
     config = TrainConfig.from_dict(
@@ -24,6 +26,7 @@ def test_the_shipped_presets_cover_subject_style_and_sdxl(tmp_path):
     style, sdxl = load_preset("style (8-16 vectors)", tmp_path), load_preset("SDXL subject", tmp_path)
     assert 8 <= style["vectors"] <= 16 and 1 <= load_preset("subject (1-4 vectors)", tmp_path)["vectors"] <= 4
     assert sdxl["data"]["resolution"] == 1024
+    assert load_preset("negative embedding (8 vectors)", tmp_path)["negative_embedding"] is True
 
 
 def test_a_saved_preset_hides_a_shipped_one_and_keeps_no_run_keys(tmp_path):
