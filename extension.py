@@ -20,9 +20,9 @@ if str(ROOT) not in sys.path:  # `python extension.py` from elsewhere, or a host
 
 if __name__ == "__main__" and "--verbose" not in sys.argv[1:]:
     # Before gradio, torch and diffusers are imported: their import-time warnings are library output too.
-    from ti_core.quiet import quiet_libraries
-
     import atexit
+
+    from ti_core.quiet import quiet_libraries
 
     _quiet = quiet_libraries()
     _quiet.__enter__()  # for the process's lifetime (the app owns it)

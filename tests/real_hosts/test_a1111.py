@@ -10,11 +10,13 @@ Slow: about ten minutes on two CPU cores. `python -m pytest tests/real_hosts` (s
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
 import pytest
 from a1111_kit import BASELINE_PROMPT, HOST_PACKAGES
+from PIL import Image
 
 from bench.host_memory import GIB, measure_run, settled_rss
 from ti_core.formats import load_embedding
@@ -295,12 +297,23 @@ def test_the_tiny_checkpoint_with_its_yaml_creates_and_trains(kit, webui, worksp
         created = webui.call("POST", "/ti/v1/create", {"name": "zztiny", "init_text": "tree"}, timeout=LONG)
         path = Path(created["path"])
         assert path.is_file() and "zztiny" in webui.embeddings()["loaded"]
-        snapshot = _train_by_route(webui, workspace, facts, "zztiny", 2, resume=True)
+        # Set to sample with zero terminal SNR, the web UI's model trains on that schedule; the previews
+        # take their full settings through the route (two prompts side by side, Euler a, a negative
+        # embedding's rows without and with it).
+        webui.call("POST", "/sdapi/v1/options", {"sd_noise_schedule": "Zero Terminal SNR"}, timeout=LONG)
+        previews = {"preview_every": 2, "preview_prompt": "a tree\na house", "preview_sampler": "euler_a",
+                    "negative_embedding": True, "preview_width": 64, "preview_height": 64}  # fmt: skip
+        snapshot = _train_by_route(webui, workspace, facts, "zztiny", 2, resume=True, **previews)
         assert snapshot["stopped"] == "done", snapshot.get("message")
         assert load_embedding(path).step == 2
+        settings = json.loads((Path(snapshot["log_folder"]) / "settings.json").read_text())
+        assert settings["model"]["zero_terminal_snr"] is True and settings["preview_sampler"] == "euler_a"
+        with Image.open(snapshot["previews"][-1]) as preview:
+            assert preview.height == 2 * 64 and preview.width > 2 * 64  # two rows of two prompts, labelled
         info, _ = webui.txt2img("zztiny in the snow")
         assert f"zztiny: {_sha256(path)[:12]}" in _ti_hashes(info), _ti_hashes(info)
     finally:
+        webui.call("POST", "/sdapi/v1/options", {"sd_noise_schedule": "Default"}, timeout=LONG)
         titles_full = titles[kit.full_checkpoint.name]
         webui.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": titles_full}, timeout=LONG)
 

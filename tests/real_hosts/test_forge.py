@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from forge_kit import (
     kit_folder,
     required,
 )
+from PIL import Image
 from ui_helpers import free_port, loopback_only, make_dataset
 
 from bench.host_memory import GIB, measure_run, settled_rss
@@ -309,10 +311,20 @@ def test_the_tiny_checkpoint_with_its_yaml_creates_and_trains(forge_kit, forge, 
         assert "error" not in created, created
         path = Path(created["path"])
         assert path.is_file() and "zztiny" in forge.embeddings()["loaded"]
-        snapshot = _train_by_route(forge, forge_workspace, facts, "zztiny", 2, resume=True)
+        # Set to sample with zero terminal SNR, Forge's model trains on that schedule; the previews take
+        # their full settings through the route (two prompts side by side, DDIM, a set size).
+        forge.call("POST", "/sdapi/v1/options", {"sd_noise_schedule": "Zero Terminal SNR"})
+        previews = {"preview_every": 2, "preview_prompt": "a tree\na house", "preview_sampler": "ddim",
+                    "preview_width": 64, "preview_height": 48}  # fmt: skip
+        snapshot = _train_by_route(forge, forge_workspace, facts, "zztiny", 2, resume=True, **previews)
         assert snapshot["stopped"] == "done", snapshot.get("message")
         assert load_embedding(path).step == 2
+        settings = json.loads((Path(snapshot["log_folder"]) / "settings.json").read_text())
+        assert settings["model"]["zero_terminal_snr"] is True and settings["preview_sampler"] == "ddim"
+        with Image.open(snapshot["previews"][-1]) as preview:
+            assert preview.size == (2 * 64, 48)  # the two prompts side by side
     finally:
+        forge.call("POST", "/sdapi/v1/options", {"sd_noise_schedule": "Default"})
         forge.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": titles[forge_kit.full_checkpoint.name]})
 
 
