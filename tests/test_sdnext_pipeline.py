@@ -137,3 +137,18 @@ def test_quantized_weights_are_not_shared(sdnext_with_pipeline):
     assert sdnext.unshareable_reason(pipeline) is None
     pipeline.vae.register_buffer("quantized_scale", torch.zeros(2, dtype=torch.int8))
     assert "vae is quantized" in sdnext.unshareable_reason(pipeline)
+
+
+def test_sdnexts_rescaled_betas_make_the_run_zero_terminal_snr(sdnext_with_pipeline):
+    """SD.Next's sampler option "rescale betas" (zero terminal SNR) is in its pipeline's scheduler config: the
+    model trained on follows it, as the option is now."""
+    from ti_host.backend import HostBackend
+
+    _host, pipeline = sdnext_with_pipeline
+    backend = HostBackend()
+    assert not backend.current_model().zero_terminal_snr
+    pipeline.scheduler.register_to_config(rescale_betas_zero_snr=True)  # SD.Next sets it at its next generation
+    model = backend.current_model()
+    assert model.zero_terminal_snr and model.scheduler.alphas_cumprod[-1] < 1e-6
+    pipeline.scheduler.register_to_config(rescale_betas_zero_snr=False)
+    assert not backend.current_model().zero_terminal_snr
