@@ -29,6 +29,11 @@
         img2img_prompt: "img2img prompt", img2img_neg_prompt: "img2img negative prompt",
         control_prompt: "control prompt", control_neg_prompt: "control negative prompt"
     };
+    // Each view's negative prompt: a negative embedding's card writes there.
+    var NEGATIVE_OF = {
+        ti_try_prompt: "ti_try_negative", txt2img_prompt: "txt2img_neg_prompt",
+        img2img_prompt: "img2img_neg_prompt", control_prompt: "control_neg_prompt"
+    };
     // The box the user works in: the one last focused, or else the main prompt of the generate view last
     // seen on screen (the user clicks a card on our tab, where every generate view is hidden).
     var lastPromptId = null;
@@ -146,8 +151,12 @@
         }
     }
 
-    function toggleToken(token) {
+    // negative: the card of a negative embedding, which goes into the negative prompt of the same view.
+    function toggleToken(token, negative) {
         var id = targetPromptId();
+        if (negative && id && NEGATIVE_OF[id] && promptTextarea(NEGATIVE_OF[id])) {
+            id = NEGATIVE_OF[id];
+        }
         var textarea = id && promptTextarea(id);
         if (!textarea) {
             announce("No prompt box found to add " + token + " to.");
@@ -182,7 +191,7 @@
         var card = cardOf(event);
         if (card) {
             event.preventDefault();
-            toggleToken(card.dataset.tiName);
+            toggleToken(card.dataset.tiName, card.dataset.tiNegative === "1");
         }
     }
 

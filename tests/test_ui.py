@@ -577,6 +577,28 @@ def test_library_card_click_adds_then_removes_the_token(ui, app):
 
 
 @pytest.mark.ui
+def test_a_negative_embeddings_card_goes_into_the_negative_prompt(ui, app, tiny_models):
+    """An embedding trained as a negative embedding (its recorded settings say so) is marked on its card, and
+    a click puts its token into the negative prompt of the view, not the prompt."""
+    embedding = create_embedding(tiny_models["sd1"], "ui-neg", "blurry", 2)
+    embedding.metadata["training_settings"] = json.dumps({"negative_embedding": True})
+    save_embedding(embedding, app["root"] / "embeddings", overwrite=True)
+    ui.tab("Embeddings")
+    ui.click("ti_embeddings_refresh")
+    card = ui.page.locator('#ti_embeddings_list .ti-card[data-ti-name="ui-neg"]')
+    card.wait_for(timeout=30_000)
+    assert "negative" in card.inner_text()
+    ui.fill("ti_try_prompt", "a photo of")
+    ui.fill("ti_try_negative", "lowres")
+    card.click()
+    ui.wait_value("ti_try_negative", r"^lowres ui-neg$")
+    assert ui.value("ti_try_prompt") == "a photo of"
+    ui.wait_text("ti_embeddings_insert_status", r"Added ui-neg to the Try-it negative prompt")
+    card.click()
+    ui.wait_value("ti_try_negative", r"^lowres$")
+
+
+@pytest.mark.ui
 def test_a_reloaded_page_shows_new_embeddings_without_refresh(ui, app, tiny_models):
     """An embedding written after the page was built (by another tab, the CLI, a copy) is in the Train
     picker and among the cards once the page is reloaded; nobody presses Refresh."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,15 @@ class Embedding:
     @property
     def widths(self) -> dict[str, int]:
         return {key: tensor.shape[1] for key, tensor in self.vectors.items()}
+
+    @property
+    def negative(self) -> bool:
+        """Trained as a negative embedding (its recorded settings say so): it belongs in negative prompts."""
+        try:
+            settings = json.loads(self.metadata.get("training_settings") or "{}")
+        except ValueError:
+            return False
+        return isinstance(settings, dict) and settings.get("negative_embedding") is True
 
 
 def check_vector_count(num_vectors: int) -> int:

@@ -120,6 +120,7 @@ class CardInfo:
     norm_ratio: float | None = None  # the largest vector norm / the vocabulary's mean (None: not known)
     preview: Path | None = None
     error: str = ""
+    negative: bool = False  # a negative embedding: a click puts it into the negative prompt
 
 
 def describe_widths(widths: dict[str, int]) -> str:
@@ -172,6 +173,7 @@ def _read_card(
         card.error = str(error).splitlines()[0]
         return card
     card.name, card.vectors, card.step = embedding.name, embedding.num_vectors, embedding.step
+    card.negative = embedding.negative
     card.architecture = embedding.metadata.get("architecture") or architecture_guess(embedding)
     card.base_model = embedding.metadata.get("base_model") or embedding.metadata.get("sd_checkpoint_name") or ""
     if model_widths is not None:
@@ -254,6 +256,7 @@ def _card_html(card: CardInfo) -> str:
     fit_class = {True: "ti-fits", False: "ti-misfit", None: "ti-fit-unknown"}[card.fits]
     fit_text = card.fit_text or "no model loaded to compare with"
     meta = f"{card.vectors} vector{'s' if card.vectors != 1 else ''} · step {card.step}"
+    meta += " · negative" if card.negative else ""
     origin = " · ".join(part for part in (card.architecture, card.base_model and f"base {card.base_model}") if part)
     norm = ""
     if card.norm_ratio is not None:
@@ -265,9 +268,10 @@ def _card_html(card: CardInfo) -> str:
             f'<span class="ti-card-meta ti-card-norm{" ti-norm-high" if high else ""}" title="{title}">'
             f"norm {card.norm_ratio:.1f}× the vocabulary's</span>"
         )
+    negative, where = (' data-ti-negative="1"', "negative prompt") if card.negative else ("", "prompt")
     return (
-        f'<button type="button" class="ti-card {fit_class}" role="listitem" data-ti-name="{name}" '
-        f'title="Add {name} to the prompt (click again to remove it)">'
+        f'<button type="button" class="ti-card {fit_class}" role="listitem" data-ti-name="{name}"{negative} '
+        f'title="Add {name} to the {where} (click again to remove it)">'
         f'{picture}<span class="ti-card-name">{name}</span>'
         f'<span class="ti-card-meta">{html.escape(meta)}</span>'
         f'<span class="ti-card-meta">{html.escape(origin)}</span>{norm}'
