@@ -151,3 +151,55 @@ def test_no_step_grid_from_a_single_preview(tmp_path, images):
     (run.folder / "images").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(run.image_path(1))
     assert step_grid(run) is None
+
+
+def test_compare_renders_each_snapshot_with_the_preview_settings(tmp_path, images, tiny_models):
+    """A row per snapshot, each the snapshot's vectors rendered like a preview; empty prompts fall back to the
+    prompts the run's previews used."""
+    import dataclasses
+    import json
+
+    from ti_core.train import compare_snapshots, render_preview
+
+    model = tiny_models["sd1"]
+    config = make_config(tmp_path, images, steps=3, save_every=1, preview_every=0, preview_prompt="tok in the snow")
+    assert train(model, config).stopped == "done"
+    folder = tmp_path / "logs" / NAME
+    assert json.loads((folder / "settings.json").read_text())["preview_prompts"] == ["tok in the snow"]
+    asked = dataclasses.replace(config, preview_prompt="", preview_width=48, preview_height=32)
+    events = []
+    result = compare_snapshots(model, asked, events.append)
+    assert result.stopped == "done" and "Compared 3 snapshots" in result.message
+    assert [event.kind for event in events] == ["start", "step", "step", "step", "preview", "done"]
+    assert events[0].step == 3  # the run's last logged step: the tab keeps the whole loss history
+    with Image.open(folder / "images" / f"{NAME}-snapshots.png") as grid:
+        rows = pixels(grid)
+    assert rows.shape[0] == 3 * 32
+    left = rows.shape[1] - 48
+    for row, step in enumerate((1, 2, 3)):
+        snapshot = load_embedding(folder / f"{NAME}-{step}.safetensors")
+        expected = render_preview(model, NAME, snapshot.vectors, ["tok in the snow"], asked)
+        assert np.abs(rows[row * 32 : (row + 1) * 32, left:] - pixels(expected)).max() <= 2, step
+    assert not np.array_equal(rows[:32, left:], rows[64:, left:])  # the snapshots differ
+
+
+def test_compare_without_snapshots_says_how_to_get_them(tmp_path, images, tiny_models):
+    from ti_core.train import compare_snapshots
+
+    with pytest.raises(ValueError, match=r"tok has no snapshots in .*: train with 'Save a copy every N steps'"):
+        compare_snapshots(tiny_models["sd1"], make_config(tmp_path, images))
+
+
+def test_compare_runs_as_a_job_and_its_grid_is_among_the_previews(tmp_path, images, tiny_models):
+    from ti_core.jobs import TrainingJob
+    from ti_core.train import compare_snapshots
+
+    model = tiny_models["sd1"]
+    config = make_config(tmp_path, images, steps=2, save_every=1, preview_every=0)
+    assert train(model, config).stopped == "done"
+    job = TrainingJob.start(lambda: model, config, work=compare_snapshots)
+    assert job.wait(300)
+    state = job.snapshot()
+    assert state["stopped"] == "done", state["message"]
+    assert state["previews"] == [str(tmp_path / "logs" / NAME / "images" / f"{NAME}-snapshots.png")]
+    assert state["start_step"] == 2 and state["final_path"] is None

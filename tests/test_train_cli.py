@@ -355,3 +355,23 @@ def test_an_optimizer_that_cannot_run_here_is_one_line_before_the_model_loads(ca
     assert main([*base_args[2:], "--model", "missing-model", "--optimizer", "prodigy"]) == 1
     err = capsys.readouterr().err
     assert err == "error: optimizer prodigy needs the prodigyopt package: pip install prodigyopt\n"
+
+
+def test_compare_renders_the_runs_snapshots_into_one_grid(tmp_path, capsys, base_args):
+    from ti_core.cli import main as ti_main
+
+    args = [*base_args]
+    args[args.index("--save-every") + 1] = "1"
+    assert main(args) == 0
+    capsys.readouterr()
+    model, logs = base_args[1], tmp_path / "logs"
+    compare = ["compare", "--model", model, "--log-dir", str(logs), "--name", "cat"]
+    assert ti_main([*compare, "--preview-width", "32", "--preview-height", "32", "--preview-steps", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    grid = logs / "cat" / "images" / "cat-snapshots.png"
+    assert out[-1] == str(grid) and "Rendered the snapshot of step 2" in out
+    with Image.open(grid) as image:
+        assert image.height == 2 * 32  # a row per snapshot
+
+    assert ti_main([*compare[:-1], "dog"]) == 2  # no such run: one line
+    assert capsys.readouterr().err.startswith(f"error: no run of dog in {logs}")

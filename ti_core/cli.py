@@ -1,4 +1,4 @@
-"""`python -m ti_core`: create, inspect, export and train embeddings from the command line.
+"""`python -m ti_core`: create, inspect, export, train and compare embeddings from the command line.
 
 Exit codes: 0 success, 2 usage errors, 1 everything else; errors are one `error: ...` line on
 stderr, with a traceback only under --debug. Names that work in some UIs only get `warning: ...` lines
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .command_line import add_model_arguments, load_model_from_args, run_command, top_parser
-from .train_cli import add_train_parser
+from .train_cli import add_compare_parser, add_train_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.set_defaults(run=run_promote)
 
     add_train_parser(commands)
+    add_compare_parser(commands)
     return parser
 
 

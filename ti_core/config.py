@@ -18,6 +18,7 @@ from .names import validate_name
 from .schedule import parse_schedule
 from .settings import Setting, setting, settings_of
 
+RUN_RECORDS = ("model", "preview_prompts")  # what a run's settings.json records beside its settings
 MIXED_PRECISION = ("no", "fp16", "bf16")
 GRAD_CLIP = ("disabled", "value", "norm")
 OPTIMIZERS = ("adamw", "adafactor", "prodigy", "adamw8bit")
@@ -224,8 +225,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a JSON-style dict (as written by `to_dict`); unknown keys are an error. A run's
-        settings.json also records its model (`"model"`: what it was trained against), which is not a setting."""
-        values = {key: value for key, value in values.items() if key != "model"}
+        settings.json also records its model (`"model"`: what it was trained against) and the prompts its previews
+        used (`"preview_prompts"`), which are not settings."""
+        values = {key: value for key, value in values.items() if key not in RUN_RECORDS}
         _reject_unknown(cls, values, "training setting")
         return cls(**values)
 

@@ -81,12 +81,14 @@ class TrainingJob:
         on_event: Callable[[Any], None] | None = None,
         *,
         context: Callable[[], AbstractContextManager] | None = None,
+        work: Callable[..., Any] | None = None,
     ) -> TrainingJob:
         """Start `train(model_provider(), config)` on a new thread and return at once.
 
         The model is fetched on the training thread, so a slow load does not block the caller. `context`
         wraps the whole run (a web UI frees its own model from the GPU there and restores it afterwards).
-        RuntimeError if another run is still going.
+        `work` replaces `train` with another job on the model that reports the same way (the snapshot
+        comparison, ti_core.compare). RuntimeError if another run is still going.
         """
         global _current
         with _start_lock:
@@ -97,7 +99,7 @@ class TrainingJob:
                 )
             job = cls(config, on_event)
             job._thread = threading.Thread(
-                target=job._run, args=(model_provider, context), name=f"ti-train-{config.name}", daemon=True
+                target=job._run, args=(model_provider, context, work), name=f"ti-train-{config.name}", daemon=True
             )
             _current = job
             job._thread.start()
@@ -137,7 +139,12 @@ class TrainingJob:
 
     # ------------------------------------------------------------------------------------------- the thread
 
-    def _run(self, model_provider: Callable[[], Any], context: Callable[[], AbstractContextManager] | None) -> None:
+    def _run(
+        self,
+        model_provider: Callable[[], Any],
+        context: Callable[[], AbstractContextManager] | None,
+        work: Callable[..., Any] | None = None,
+    ) -> None:
         try:
             with context() if context is not None else contextlib.nullcontext():
                 self._update(phase="loading", message="Loading the model…")
@@ -145,10 +152,11 @@ class TrainingJob:
                 if self._cancel.is_set():
                     self._finish(stopped="interrupted", message="Interrupted before training started")
                     return
-                self._update(phase="preparing", message="Preparing the dataset…")
-                from .train import train  # heavy (diffusers); imported when a run starts, not with the UI
+                if work is None:
+                    self._update(phase="preparing", message="Preparing the dataset…")
+                    from .train import train as work  # heavy (diffusers): imported when a run starts, not with the UI
 
-                result = train(model, self.config, self._handle_event, cancel=self._cancel)
+                result = work(model, self.config, self._handle_event, cancel=self._cancel)
             self._finish_with(result)
         except Exception as error:  # the run's failure is reported to the UI as one line, never raised
             if isinstance(error, (ValueError, OSError)):  # bad input (no images, a refused name): one line

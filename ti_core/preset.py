@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write
-from .config import TrainConfig
+from .config import RUN_RECORDS, TrainConfig
 from .names import validate_name
 
 SHIPPED_DIR = Path(__file__).parent / "presets"
@@ -52,7 +52,7 @@ def check_preset(values: Any, name: str = "") -> dict[str, Any]:
     where = f"preset {name!r}: " if name else ""
     if not isinstance(values, dict) or not isinstance(values.get("data", {}), dict):
         raise ValueError(f"{where}expected a JSON object of settings")
-    settings = {key: value for key, value in values.items() if key not in (*RUN_KEYS, "model")}
+    settings = {key: value for key, value in values.items() if key not in (*RUN_KEYS, *RUN_RECORDS)}
     settings["data"] = {key: value for key, value in values.get("data", {}).items() if key not in RUN_DATA_KEYS}
     try:  # checked as a whole config would be, with placeholders for one run's keys
         TrainConfig.from_dict(

@@ -60,6 +60,56 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+PREVIEW_SETTINGS = (
+    "preview_prompt", "preview_negative_prompt", "preview_sampler", "preview_steps", "preview_guidance",
+    "preview_seed", "preview_width", "preview_height", "negative_embedding",
+)  # fmt: skip
+
+
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `compare` command: a run's snapshots rendered side by side, with its preview settings."""
+    parser = subparsers.add_parser(
+        "compare",
+        help="render a run's snapshots (LOG_DIR/NAME/NAME-STEP) side by side into LOG_DIR/NAME/images/NAME-snapshots.png",
+    )
+    add_model_arguments(parser, required=True)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: the GPU if there is one)")
+    parser.add_argument("--log-dir", type=Path, required=True)
+    parser.add_argument("--name", required=True, help="the embedding's name")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    for item in declared():
+        if item.key in PREVIEW_SETTINGS:  # the run's own (settings.json) unless given
+            parser.add_argument(*item.cli_flags, dest=_dest(item.key), default=None, **_argparse_options(item))
+    parser.set_defaults(run=run_compare)
+    return parser
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """The `compare` command: prints where the grid was written."""
+    from .names import validate_name
+
+    folder = Path(args.log_dir) / validate_name(args.name)
+    if not (folder / "settings.json").is_file():
+        raise UsageError(f"no run of {args.name} in {args.log_dir} (no {folder / 'settings.json'})")
+    values = _read_settings(folder / "settings.json")
+    values.update({key: getattr(args, key) for key in PREVIEW_SETTINGS if getattr(args, key) is not None})
+    values.update(name=args.name, log_dir=str(args.log_dir))
+    try:
+        config = config_module.TrainConfig.from_dict(values)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(f"Loading {args.model}...", flush=True)
+    model = load_model_from_args(args)
+    _place(model, _device(args, None), config.mixed_precision)
+    from .train import compare_snapshots
+
+    result = compare_snapshots(
+        model, config, lambda event: print(event.message, flush=True) if event.kind == "step" else None
+    )
+    print(result.message.rpartition(": ")[2])
+    return 0
+
+
 def _dest(setting: str) -> str:
     return setting.replace(".", "_")
 

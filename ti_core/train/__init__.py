@@ -2,10 +2,12 @@
 
 One concept a module: `loop` (the run), `loss` (the maths), `patching` (the model while it trains),
 `outputs` (snapshots, validation, previews, the final save), `run_folder` and `lock` (the run's files),
-`start` (new, created or resumed embedding), `clock`, `processes` and `events` (what a run reports).
+`start` (new, created or resumed embedding), `clock`, `processes` and `events` (what a run reports), and
+`compare` (a run's snapshots rendered side by side, a job like a run).
 """
 
 from .clock import Clock
+from .compare import compare_snapshots
 from .events import AlreadyTrained, StepsReached, TrainEvent, TrainingLocked, TrainResult
 from .lock import exclusive_lock
 from .loop import OutOfMemoryError, train
@@ -40,6 +42,7 @@ __all__ = [
     "autocast",
     "batch_loss",
     "check_trainable",
+    "compare_snapshots",
     "casts_frozen_weights",
     "control_norms",
     "diffusion_loss",

@@ -151,6 +151,7 @@ def _prepare(model: TIModel, config: TrainConfig, run: RunFolder, procs: Process
         half=half, vocabulary_norms=editability.mean_norms,
     )  # fmt: skip
     run.model_facts = model_facts(model)
+    run.preview_prompts = outputs.preview_prompts
     run.begin(start)
     message = _start_message(config, len(dataset), procs.world, start, resume_note)
     emit(TrainEvent("start", start, config.steps, message=message))

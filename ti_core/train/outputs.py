@@ -135,6 +135,13 @@ def preview_prompts(dataset, template: list[str], config: TrainConfig) -> list[s
     ]
 
 
+def spread_evenly(items: list, count: int) -> list:
+    """At most `count` of `items`, evenly spread, the first and the last always in (each item once)."""
+    if len(items) <= count:
+        return list(items)
+    return list(dict.fromkeys(items[round(index * (len(items) - 1) / (count - 1))] for index in range(count)))
+
+
 def step_grid(run: RunFolder):
     """The run folder's previews compared by step, a row each (at most STEP_GRID_ROWS, evenly spread, the last
     always in), labelled with the step; None with fewer than two previews of the newest one's size."""
@@ -143,8 +150,7 @@ def step_grid(run: RunFolder):
     found = run.preview_images()
     if len(found) < 2:
         return None
-    picked = [found[round(index * (len(found) - 1) / (STEP_GRID_ROWS - 1))] for index in range(STEP_GRID_ROWS)]
-    picked = list(dict.fromkeys(picked))  # fewer previews than rows: each once
+    picked = spread_evenly(found, STEP_GRID_ROWS)
     images = []
     for step, path in picked:
         with Image.open(path) as image:

@@ -47,6 +47,7 @@ class RunFolder:
         self.best = math.inf
         self.seconds_before = 0.0
         self.model_facts: dict[str, Any] = {}  # what the run trains against, recorded beside its settings
+        self.preview_prompts: list[str] = []  # what its previews show (the default one resolved), recorded too
 
     name = property(lambda self: self.config.name)
     cache_dir = property(lambda self: self.folder / "latents")
@@ -58,6 +59,14 @@ class RunFolder:
 
     def image_path(self, step: int) -> Path:
         return self.folder / "images" / f"{self.name}-{step}.png"
+
+    def last_logged_step(self) -> int:
+        """The last step in loss.csv (0 when there is none)."""
+        try:
+            with open(self.csv_path, newline="", encoding="utf-8") as handle:
+                return max((int(row["step"]) for row in csv.DictReader(handle)), default=0)
+        except (OSError, KeyError, ValueError):
+            return 0
 
     def preview_images(self) -> list[tuple[int, Path]]:
         """The previews in the images folder (this run's and earlier ones'), as (step, path) by step."""
@@ -88,7 +97,8 @@ class RunFolder:
         """settings.json, and the loss log of a resumed run kept up to its step."""
         if not self.write:
             return
-        text = json.dumps({**self.config.to_dict(), "model": self.model_facts}, indent=2) + "\n"
+        record = {**self.config.to_dict(), "model": self.model_facts, "preview_prompts": self.preview_prompts}
+        text = json.dumps(record, indent=2) + "\n"
         atomic_write(self.folder / "settings.json", lambda temp: temp.write_text(text, encoding="utf-8"))
         if self.config.resume and self.csv_path.is_file():
             with open(self.csv_path, newline="", encoding="utf-8") as handle:
