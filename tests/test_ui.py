@@ -1025,6 +1025,29 @@ def _poll_until_done(seen):
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_compare_snapshots_shows_the_grid_first_and_keeps_the_loss_history(tiny_models, tmp_path):
+    from ti_ui.actions import compare_action
+
+    backend = TinyBackend(tiny_models["sd1"], tmp_path)
+    images = make_dataset(tmp_path / "images")
+    save_embedding(create_embedding(tiny_models["sd1"], "cat", "cat", 1), backend.embeddings_dir)
+    assert "no snapshots" in compare_action(backend, "cat", list(extension.TRAIN_FIELDS), *_train_values(images))
+    values = _train_values(images, steps=3, save_every=1, preview_every=0)
+    assert "Training cat" in extension.start_training(backend, False, "cat", *values)
+    _, _, _, _, _, *_, seen = _poll_until_done({})
+    fields = dict(zip(extension.TRAIN_FIELDS, values, strict=True))
+    fields.update({"data.images": "", "preview_prompt": "cat on grass"})  # a comparison needs no dataset
+    status = compare_action(backend, "cat", list(fields), *fields.values())
+    assert "Comparing the snapshots of cat" in status
+    progress, plot, gallery, status, result, *_, seen = _poll_until_done(seen)
+    assert "Compared 3 snapshots of cat" in status and "ti-status-ok" in status
+    assert [caption for _, caption in gallery] == ["cat-snapshots"]
+    assert list(plot[plot["curve"] == "each step"]["step"]) == [1, 2, 3]  # the run's loss history stays
+    with Image.open(tmp_path / "log" / "cat" / "images" / "cat-snapshots.png") as grid:
+        assert grid.height == 3 * 64
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_after_resume_and_refusals_the_plot_and_previews_show_the_whole_history(tiny_models, tmp_path):
     backend = TinyBackend(tiny_models["sd1"], tmp_path)
     images = make_dataset(tmp_path / "images")

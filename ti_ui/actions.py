@@ -209,6 +209,31 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
     return status_html(f"{verb} {config.name} to step {config.steps}…")
 
 
+def compare_action(backend: Backend, name: str | None, keys: Sequence[str], *values: Any) -> str:
+    """Compare snapshots: the picked embedding's snapshots rendered with the tab's preview settings, as a job
+    the progress and the previews gallery follow (ti_core.train.compare)."""
+    from ti_core.config import TrainConfig
+    from ti_core.files import list_snapshots
+
+    if not name:
+        return status_html("Pick an embedding whose run saved snapshots first.", "error")
+    settings = train_settings([dict(zip(keys, values, strict=True))], name=name, backend=backend, resume=True)
+    settings["data"]["images"] = settings["data"].get("images") or "."  # the comparison reads no images
+    try:
+        config = TrainConfig.from_dict(settings)
+        if not any(step.isdigit() for step in list_snapshots(backend.log_dir, name)):
+            raise ValueError(
+                f"{name} has no snapshots in {Path(backend.log_dir) / name}: train with "
+                "'Save a copy every N steps' above 0 first"
+            )
+        from ti_core.train import compare_snapshots
+
+        TrainingJob.start(backend.current_model, config, context=backend.training_context, work=compare_snapshots)
+    except (ValueError, OSError, RuntimeError) as error:
+        return error_html(error)
+    return status_html(f"Comparing the snapshots of {name}: the grid comes with the previews.")
+
+
 def _check_optimizer(config) -> None:
     """ValueError (one line) when the optimizer cannot run here (prodigy without prodigyopt; adamw8bit off CUDA)."""
     from ti_core.train.optimizers import optimizer_available
@@ -373,8 +398,10 @@ def run_history(folder: str | None, name: str) -> tuple[list[tuple[int, float]],
         match = pattern.match(image.stem)
         if match:
             images.append((int(match.group(1)), str(image)))
-    by_step = root / "images" / f"{name}-by-step.png"  # the run's previews compared by step, shown first
-    return losses, [path for _, path in sorted(images)] + ([str(by_step)] if by_step.is_file() else [])
+    # The comparisons come last, so the gallery (newest first) shows them first: the previews by step, and
+    # the snapshots rendered side by side (Compare snapshots).
+    grids = [root / "images" / f"{name}-{kind}.png" for kind in ("by-step", "snapshots")]
+    return losses, [path for _, path in sorted(images)] + [str(grid) for grid in grids if grid.is_file()]
 
 
 def _preview_items(paths: Sequence[str]) -> list:

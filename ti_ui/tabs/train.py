@@ -14,6 +14,7 @@ from ti_core.settings import Setting
 
 from ..actions import (
     PollUpdate,
+    compare_action,
     dropdown_names,
     interrupt_training,
     load_preset_action,
@@ -256,7 +257,7 @@ def train_tab(demo, backend: Backend):
                 gr.Gallery, label="Previews", columns=4, height=260, object_fit="contain", elem_id="ti_train_previews"
             )
             result = make_component(gr.Textbox, label="Embedding file", interactive=False, elem_id="ti_train_result")
-            snapshot, promote, snapshot_status = _snapshot_row(backend, embedding.value)
+            snapshot, promote, compare, snapshot_status = _snapshot_row(backend, embedding.value)
     inputs = [embedding, *fields.values()]
     train.click(_starter(backend, False, list(fields)), inputs, status)
     resume.click(_starter(backend, True, list(fields)), inputs, status)
@@ -264,6 +265,11 @@ def train_tab(demo, backend: Backend):
     for changed in (embedding.change, result.change):  # another embedding picked, or a run ended
         changed(lambda chosen: snapshot_choices(backend, chosen), embedding, snapshot)
     promote.click(lambda *args: promote_action(backend, *args), [embedding, snapshot], snapshot_status)
+    compare.click(
+        lambda name, *values: compare_action(backend, name, list(fields), *values),
+        [embedding, *fields.values()],
+        snapshot_status,
+    )
     _wire_presets(backend, presets, fields, status)
     seen = gr.State({})
     by_name = {"progress": progress, "plot": plot, "previews": previews, "status": status, "result": result}
@@ -273,8 +279,9 @@ def train_tab(demo, backend: Backend):
     return embedding
 
 
-def _snapshot_row(backend: Backend, name: str | None) -> tuple[Any, Any, Any]:
-    """The run's snapshots (`<name>-<step>` in its log folder) and the button that makes one the embedding."""
+def _snapshot_row(backend: Backend, name: str | None) -> tuple[Any, Any, Any, Any]:
+    """The run's snapshots (`<name>-<step>` in its log folder), the button that makes one the embedding and the
+    one that renders them side by side."""
     steps, last = snapshot_steps(backend, name)
     with gr.Row():
         snapshot = make_component(
@@ -288,8 +295,11 @@ def _snapshot_row(backend: Backend, name: str | None) -> tuple[Any, Any, Any]:
         promote = make_component(
             gr.Button, value="Make this the embedding", elem_id="ti_snapshot_promote", scale=1, min_width=120
         )
+        compare = make_component(
+            gr.Button, value="Compare snapshots", elem_id="ti_snapshot_compare", scale=1, min_width=120
+        )
     status = make_component(gr.HTML, value="", elem_id="ti_snapshot_status")
-    return snapshot, promote, status
+    return snapshot, promote, compare, status
 
 
 def _loss_plot():
