@@ -202,4 +202,4 @@ def test_compare_runs_as_a_job_and_its_grid_is_among_the_previews(tmp_path, imag
     state = job.snapshot()
     assert state["stopped"] == "done", state["message"]
     assert state["previews"] == [str(tmp_path / "logs" / NAME / "images" / f"{NAME}-snapshots.png")]
-    assert state["start_step"] == 2 and state["final_path"] is None
+    assert state["start_step"] == 2 and state["final_path"] == str(tmp_path / "embeddings" / f"{NAME}.safetensors")

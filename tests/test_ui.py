@@ -1039,10 +1039,11 @@ def test_compare_snapshots_shows_the_grid_first_and_keeps_the_loss_history(tiny_
     fields.update({"data.images": "", "preview_prompt": "cat on grass"})  # a comparison needs no dataset
     status = compare_action(backend, "cat", list(fields), *fields.values())
     assert "Comparing the snapshots of cat" in status
-    progress, plot, gallery, status, result, *_, seen = _poll_until_done(seen)
+    progress, plot, gallery, status, result, *_, norm_plot, seen = _poll_until_done(seen)
     assert "Compared 3 snapshots of cat" in status and "ti-status-ok" in status
     assert [caption for _, caption in gallery] == ["cat-snapshots"]
     assert list(plot[plot["curve"] == "each step"]["step"]) == [1, 2, 3]  # the run's loss history stays
+    assert unchanged(norm_plot) and result.endswith("cat.safetensors")  # the run's norms and file stay
     with Image.open(tmp_path / "log" / "cat" / "images" / "cat-snapshots.png") as grid:
         assert grid.height == 3 * 64
 

@@ -328,7 +328,8 @@ def poll_training(seen: dict | None):
             seen["losses"] = len(losses)
             plot = loss_frame(losses)
         norms = snapshot.get("norm_ratios") or []  # this run's steps (loss.csv keeps no norms)
-        if len(norms) != seen.get("norms") or not running:
+        trained = bool(norms or snapshot["losses"])  # a comparison of snapshots trains nothing: the plot stays
+        if trained and (len(norms) != seen.get("norms") or not running):
             from ti_core.editability import NORM_WARNING_RATIO
 
             seen["norms"] = len(norms)

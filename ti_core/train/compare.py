@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..files import list_snapshots
 from ..formats import load_embedding
+from ..names import embedding_path
 from ..preview import image_grid
 from ..timodel import TIModel
 from .events import TrainEvent, TrainResult
@@ -74,4 +75,5 @@ def compare_snapshots(
     message = f"Compared {len(picked)} snapshots of {config.name} (steps {picked[0]}-{picked[-1]}): {path}"
     emit(TrainEvent("preview", picked[-1], len(picked), path=path, image=grid, message=message))
     emit(TrainEvent("done", len(picked), len(picked), message=message))
-    return TrainResult(None, len(picked), "done", message, run.folder)
+    # The embedding's file, untouched, stays the run's file (the tab keeps showing it).
+    return TrainResult(embedding_path(config.embeddings_dir, config.name), len(picked), "done", message, run.folder)
