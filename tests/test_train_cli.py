@@ -342,8 +342,8 @@ def test_a_saved_preset_gives_the_settings_and_flags_override_it(tmp_path, capsy
 def test_an_unknown_preset_is_one_line_naming_the_presets(capsys, base_args):
     assert main([*base_args, "--preset", "portrait"]) == 2
     assert capsys.readouterr().err == (
-        "error: --preset: no preset named 'portrait' (presets: SDXL subject, style (8-16 vectors), "
-        "subject (1-4 vectors))\n"
+        "error: --preset: no preset named 'portrait' (presets: negative embedding (8 vectors), SDXL subject, "
+        "style (8-16 vectors), subject (1-4 vectors))\n"
     )
 
 
