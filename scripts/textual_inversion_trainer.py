@@ -71,6 +71,9 @@ def on_app_started(_demo, app):
     routes.register(app, backend, getattr(shared.cmd_opts, "api_auth", None))
 
 
+# Every component the web UI builds passes here: the txt2img tab's (built before ours) are kept for the
+# Train tab's "Use the txt2img tab's settings" previews.
+script_callbacks.on_after_component(backend.txt2img.capture)  # SD.Next's takes no name= either
 script_callbacks.on_ui_tabs(on_ui_tabs)  # SD.Next's on_ui_tabs takes no name=
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_app_started(on_app_started)

@@ -243,17 +243,23 @@ def _module(name: str, **attributes: Any) -> types.ModuleType:
 
 
 def _script_callbacks(callbacks: dict[str, list], sdnext: bool) -> types.ModuleType:
-    for key in ("ui_tabs", "ui_settings", "app_started"):
+    for key in ("ui_tabs", "ui_settings", "app_started", "after_component"):
         callbacks[key] = []
 
     if sdnext:  # SD.Next: no name= keyword
 
         def on_ui_tabs(callback):
             callbacks["ui_tabs"].append(callback)
+
+        def on_after_component(callback):
+            callbacks["after_component"].append(callback)
     else:
 
         def on_ui_tabs(callback, *, name=None):
             callbacks["ui_tabs"].append(callback)
+
+        def on_after_component(callback, *, name=None):
+            callbacks["after_component"].append(callback)
 
     def on_ui_settings(callback, *, name=None):
         callbacks["ui_settings"].append(callback)
@@ -262,7 +268,7 @@ def _script_callbacks(callbacks: dict[str, list], sdnext: bool) -> types.ModuleT
         callbacks["app_started"].append(callback)
 
     return _module("modules.script_callbacks", on_ui_tabs=on_ui_tabs, on_ui_settings=on_ui_settings,
-                   on_app_started=on_app_started)  # fmt: skip
+                   on_app_started=on_app_started, on_after_component=on_after_component)  # fmt: skip
 
 
 def build(kind: str, checkpoint: Path | str | None, root: Path, *, loaded: bool = True) -> FakeHost:

@@ -192,7 +192,8 @@ def _load_script():
 
 def test_entry_script_registers_tab_settings_and_routes(host, ui_modules, monkeypatch):
     script = _load_script()
-    assert [len(host.callbacks[key]) for key in ("ui_tabs", "ui_settings", "app_started")] == [1, 1, 1]
+    keys = ("ui_tabs", "ui_settings", "app_started", "after_component")
+    assert [len(host.callbacks[key]) for key in keys] == [1, 1, 1, 1]
 
     monkeypatch.setattr(script, "create_ui", lambda backend: ("blocks for", backend))
     ((blocks, title, elem_id),) = host.callbacks["ui_tabs"][0]()
@@ -749,7 +750,7 @@ def test_real_host_apis_match_the_fakes():
     fake = fake_hosts.build(kind, "model.safetensors", Path(__import__("tempfile").mkdtemp()))
 
     callbacks = _functions(_parse(tree, "modules/script_callbacks.py"))
-    assert {"on_ui_tabs", "on_ui_settings", "on_app_started"} <= set(callbacks)
+    assert {"on_ui_tabs", "on_ui_settings", "on_app_started", "on_after_component"} <= set(callbacks)
 
     state = _functions(_parse(tree, "modules/shared_state.py"))
     real_begin = _params(state["State.begin"])[1]

@@ -77,12 +77,14 @@ def test_create_ui_builds_with_every_public_elem_id(tmp_path):
     backend = extension.StandaloneBackend(embeddings_dir=tmp_path / "emb", log_dir=tmp_path / "log")
     ids = elem_ids(extension.create_ui(backend))
     assert REQUIRED_IDS | {"ti_try_prompt", "ti_root"} <= ids
+    assert "ti_train_preview_txt2img" not in ids  # standalone there is no txt2img tab to take settings from
 
 
 def test_host_ui_has_no_standalone_panels(tmp_path):
     ids = elem_ids(extension.create_ui(extension.Backend(tmp_path / "emb", tmp_path / "log")))
     assert ids >= REQUIRED_IDS
     assert "ti_try_prompt" not in ids and "ti_model" not in ids
+    assert "ti_train_preview_txt2img" not in ids  # a host that offers no txt2img components gets no checkbox
 
 
 def test_budget_text_says_what_is_left():
@@ -758,6 +760,92 @@ def test_inside_a_host_page_cards_write_to_the_last_focused_prompt(browser, tiny
         # The progress poller runs inside the host's page too: it shows how the last run ended.
         _failed_run(tmp_path)
         ui.wait_text("ti_train_status", r"Training failed: no model in this test")
+        assert not ui.errors
+        context.close()
+    finally:
+        stop_app(host_page)
+
+
+class _BesideTxt2img(extension.StandaloneBackend):
+    """The standalone backend in a page with a web UI's txt2img tab, taken as the web-UI glue takes it."""
+
+    has_try_it = has_model_picker = inject_assets = False
+
+    def __init__(self, capture, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.capture = capture
+
+    def txt2img_components(self):
+        return self.capture.components()
+
+    def txt2img_preview_settings(self, txt2img, fields):
+        from ti_host.txt2img import preview_from_txt2img
+
+        return preview_from_txt2img(self.capture.named_values(txt2img), fields)
+
+
+@pytest.mark.ui
+@pytest.mark.usefixtures("one_thread")
+def test_train_takes_the_previews_from_the_txt2img_tab_as_typed_when_ticked(
+    browser, tiny_models, tiny_model_dirs, tmp_path
+):
+    """A web UI builds txt2img (the glue keeps its components), then our tab, and renders both in one page."""
+    from ti_host.txt2img import Txt2imgCapture
+
+    capture = Txt2imgCapture()
+    with gr.Blocks() as txt2img_tab:  # A1111 1.10's components, with their elem_ids
+        for component in (
+            gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=3),
+            gr.Textbox(label="Negative prompt", elem_id="txt2img_neg_prompt", lines=3),
+            gr.Dropdown(["DPM++ 2M", "Euler a", "Heun"], value="Euler a", elem_id="txt2img_sampling"),
+            gr.Dropdown(["Automatic", "Karras"], value="Automatic", elem_id="txt2img_scheduler"),
+            gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps"),
+            gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale"),
+            gr.Number(label="Seed", value=-1, precision=0, elem_id="txt2img_seed"),
+            gr.Slider(64, 2048, value=64, step=8, label="Width", elem_id="txt2img_width"),
+            gr.Slider(64, 2048, value=64, step=8, label="Height", elem_id="txt2img_height"),
+        ):
+            capture.capture(component)
+    emb, logs = tmp_path / "emb", tmp_path / "log"
+    save_embedding(create_embedding(tiny_models["sd1"], "from-txt2img", "cat", 1), emb)
+    backend = _BesideTxt2img(capture, model=str(tiny_model_dirs["sd1"]), embeddings_dir=emb, log_dir=logs)
+    tab = extension.create_ui(backend)
+    with gr.Blocks() as host_page:
+        txt2img_tab.render()
+        tab.render()
+        host_page.load(None, None, None, **extension.js_kwargs(extension.client_script()))
+    port = free_port()
+    host_page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        loopback_only(page)
+        ui = UiPage(page, f"http://127.0.0.1:{port}/").open()
+        ui.fill("txt2img_prompt", "a photo of from-txt2img\nin the snow")  # typed, never saved anywhere
+        ui.fill("txt2img_neg_prompt", "blurry")
+        ui.fill("txt2img_steps", 3)
+        ui.fill("txt2img_cfg_scale", 5.5)
+        ui.tab("Train")
+        ui.choose("ti_train_embedding", "from-txt2img")
+        ui.fill("ti_train_dataset", make_dataset(tmp_path / "data"))
+        ui.fill("ti_train_steps", 2)
+        ui.fill("ti_train_resolution", 64)
+        ui.fill("ti_train_save_every", 0)
+        ui.fill("ti_train_preview_every", 2)
+        ui.fill("ti_train_preview_prompt", "the field's own prompt")
+        ui.fill("ti_train_preview_seed", 1234)
+        ui.check("ti_train_preview_txt2img")
+        ui.click("ti_train_button")
+        status = ui.wait_text("ti_train_status", r"Previews from the txt2img tab")
+        assert "euler_a, 3 steps, CFG 5.5, seed 1234, 64x64" in status, status
+        assert "the txt2img seed is random, so previews keep seed 1234" in status, status
+        ui.wait_text("ti_train_status", r"Trained from-txt2img to step 2", timeout=120)
+        saved = json.loads((logs / "from-txt2img" / "settings.json").read_text(encoding="utf-8"))
+        assert saved["preview_prompt"] == "a photo of from-txt2img in the snow"
+        assert saved["preview_negative_prompt"] == "blurry"
+        assert (saved["preview_sampler"], saved["preview_steps"], saved["preview_guidance"]) == ("euler_a", 3, 5.5)
+        assert (saved["preview_seed"], saved["preview_width"], saved["preview_height"]) == (1234, 64, 64)
+        ui.screenshot(f"train-previews-from-txt2img-gradio{gr.__version__.split('.')[0]}")
         assert not ui.errors
         context.close()
     finally:

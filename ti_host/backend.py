@@ -16,6 +16,7 @@ from ti_ui.backend import Backend
 from . import dependencies, sdnext, settings
 from .context import host_job, host_model_freed, queue_slot
 from .host import Host, default_mixed_precision
+from .txt2img import Txt2imgCapture, preview_from_txt2img
 
 log = logging.getLogger("ti_host")
 
@@ -81,6 +82,7 @@ class HostBackend(Backend):
         self._unshareable = lambda: None  # (weakref to) a web UI model that failed to map: not tried again
         self._training = False
         self._shown_preview: str | None = None
+        self.txt2img = Txt2imgCapture()  # fed by the web UI's after-component callback (scripts/)
 
     # ---- folders ---------------------------------------------------------------------------------------
 
@@ -96,6 +98,16 @@ class HostBackend(Backend):
     @property
     def templates_dir(self) -> Path | None:
         return self.host.templates_dir()
+
+    # ---- txt2img's settings for previews --------------------------------------------------------------
+
+    def txt2img_components(self) -> dict[str, Any]:
+        return self.txt2img.components()
+
+    def txt2img_preview_settings(
+        self, txt2img: dict[str, Any], fields: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[str]]:
+        return preview_from_txt2img(self.txt2img.named_values(txt2img), fields)
 
     # ---- the model -------------------------------------------------------------------------------------
 

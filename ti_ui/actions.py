@@ -187,8 +187,9 @@ def train_settings(values: Sequence[Any], *, name: str, backend: Backend, resume
     return settings
 
 
-def start_training(backend: Backend, resume: bool, name: str | None, *values: Any) -> str:
-    """Train/Resume buttons: validate the settings into a TrainConfig and start the background job."""
+def start_training(backend: Backend, resume: bool, name: str | None, *values: Any, previews_note: str = "") -> str:
+    """Train/Resume buttons: validate the settings into a TrainConfig and start the background job.
+    `previews_note` (where the previews' settings came from) follows the started run's status line."""
     from ti_core.config import TrainConfig
 
     if not name:
@@ -206,7 +207,26 @@ def start_training(backend: Backend, resume: bool, name: str | None, *values: An
     except (ValueError, OSError, RuntimeError) as error:
         return error_html(error)
     verb = "Resuming" if resume else "Training"
-    return status_html(f"{verb} {config.name} to step {config.steps}…")
+    return status_html(f"{verb} {config.name} to step {config.steps}…") + previews_note
+
+
+def txt2img_previews(
+    backend: Backend, values: Mapping[str, Any], txt2img: Mapping[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """The Train tab's values (by setting key) with the preview settings taken from the host's txt2img tab
+    (`txt2img`: its components' values by name), and one status line saying what the previews use."""
+    fields = {key: value for key, value in values.items() if key.startswith("preview_")}
+    taken, notes = backend.txt2img_preview_settings(dict(txt2img), fields)
+    merged = {**values, **taken}
+    shown = {key: _whole(merged.get(key)) for key in fields}
+    width, height = shown.get("preview_width"), shown.get("preview_height")
+    size = f"{width or 'training'}x{height or 'training'}" if width or height else "the training size"
+    summary = (
+        f"Previews from the txt2img tab: {shown.get('preview_sampler')}, {shown.get('preview_steps')} steps, "
+        f"CFG {shown.get('preview_guidance')}, seed {shown.get('preview_seed')}, {size}"
+    )
+    line = summary + (f" ({'; '.join(notes)})" if notes else "")
+    return merged, status_html(line, "warning" if notes else "info")
 
 
 def compare_action(backend: Backend, name: str | None, keys: Sequence[str], *values: Any) -> str:

@@ -130,6 +130,18 @@ class Backend:
         """True when the host's own Interrupt button was pressed."""
         return False
 
+    def txt2img_components(self) -> dict[str, Any]:
+        """The host's txt2img components that a run's previews can take their settings from, by name (prompt,
+        negative_prompt, sampler, ...): the Train tab passes them to Train/Resume. Empty: no txt2img tab."""
+        return {}
+
+    def txt2img_preview_settings(
+        self, txt2img: dict[str, Any], fields: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The values of `txt2img_components` (by the same names) as preview settings by TrainConfig key, and
+        what could not be taken as it is (a few words each); `fields` are the tab's own preview values."""
+        return {}, []
+
 
 class StandaloneBackend(Backend):
     """The standalone app: the --model source, or a model found where people keep them, or the demo model;

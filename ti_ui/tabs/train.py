@@ -25,6 +25,7 @@ from ..actions import (
     snapshot_choices,
     snapshot_steps,
     start_training,
+    txt2img_previews,
 )
 from ..backend import Backend
 from ..compat import make_component, poll_every_second, refresh_button
@@ -69,6 +70,8 @@ METHOD_INFO = (
     "the init text · auto: directional for a new embedding, a resumed one keeps its own"
 )
 DATASET_ROW = ("data.images", "data.recursive")  # beside the dataset's Preview button
+TXT2IMG_LABEL = "Use the txt2img tab's prompt, negative prompt, sampler, steps, CFG, seed and size"
+TXT2IMG_INFO = "taken when Train or Resume is pressed; the run's settings.json keeps what was used"
 
 
 def tab_settings() -> list[Setting]:
@@ -130,8 +133,9 @@ def _setting_component(item: Setting, overrides: dict[str, tuple[type | None, di
     return make_component(other or cls, **{**options, **extra})
 
 
-def _setting_rows(backend: Backend, rows, advanced_rows) -> dict[str, Any]:
-    """The setting fields (but the dataset row's), by setting key, in their rows and the Advanced accordion."""
+def _setting_rows(backend: Backend, rows, advanced_rows) -> tuple[dict[str, Any], Any | None]:
+    """The setting fields (but the dataset row's), by setting key, in their rows and the Advanced accordion;
+    and in a web UI, the Previews accordion's "Use the txt2img tab's settings" checkbox (None standalone)."""
     overrides = _tab_overrides(backend)
     shown = {item.key: item for item in tab_settings()}
     placed = {key for row in (*rows, *advanced_rows, *PREVIEW_ROWS, *EDITABILITY_ROWS, DATASET_ROW) for key in row}
@@ -146,6 +150,11 @@ def _setting_rows(backend: Backend, rows, advanced_rows) -> dict[str, Any]:
         for row in PREVIEW_ROWS:
             with gr.Row():
                 fields.update((key, _setting_component(shown[key], overrides)) for key in row if key in shown)
+        use_txt2img = None
+        if backend.txt2img_components():
+            use_txt2img = make_component(
+                gr.Checkbox, label=TXT2IMG_LABEL, info=TXT2IMG_INFO, value=False, elem_id="ti_train_preview_txt2img"
+            )
     with make_component(gr.Accordion, label="Editability", open=False, elem_id="ti_train_editability"):
         for row in EDITABILITY_ROWS:
             with gr.Row():
@@ -154,7 +163,7 @@ def _setting_rows(backend: Backend, rows, advanced_rows) -> dict[str, Any]:
         for row in advanced:
             with gr.Row():
                 fields.update((key, _setting_component(shown[key], overrides)) for key in row if key in shown)
-    return fields
+    return fields, use_txt2img
 
 
 def _dataset_rows(backend: Backend) -> tuple[dict[str, Any], Any, Any, Any]:
@@ -213,9 +222,9 @@ def _wire_presets(backend: Backend, parts: dict[str, Any], fields: dict[str, Any
     )
 
 
-def _train_settings_column(backend: Backend) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """The settings column; returns the embedding picker, the setting fields by setting key, and the scan
-    inputs."""
+def _train_settings_column(backend: Backend) -> tuple[Any, dict[str, Any], dict[str, Any], Any | None]:
+    """The settings column; returns the embedding picker, the setting fields by setting key, the preset row's
+    parts and the "Use the txt2img tab's settings" checkbox (None standalone)."""
     names = embedding_names(backend.embeddings_dir)
     with gr.Row():
         embedding = make_component(
@@ -230,18 +239,19 @@ def _train_settings_column(backend: Backend) -> tuple[Any, dict[str, Any], dict[
     refresh.click(lambda current: dropdown_names(backend, current), embedding, embedding)
     presets = _preset_row(backend)
     fields, scan, dataset_info, dataset_preview = _dataset_rows(backend)
-    fields.update(_setting_rows(backend, ROWS, ADVANCED_ROWS))
+    setting_fields, use_txt2img = _setting_rows(backend, ROWS, ADVANCED_ROWS)
+    fields.update(setting_fields)
     scan_inputs = [fields[key] for key in ("data.images", "data.recursive", "data.resolution", "data.buckets")]
     images, recursive = fields["data.images"], fields["data.recursive"]
     for trigger in (scan.click, images.submit, recursive.change):
         trigger(scan_action, scan_inputs, [dataset_info, dataset_preview])
-    return embedding, fields, presets
+    return embedding, fields, presets, use_txt2img
 
 
 def train_tab(demo, backend: Backend):
     with gr.Row():
         with make_component(gr.Column, scale=5, elem_id="ti_train_settings"):
-            embedding, fields, presets = _train_settings_column(backend)
+            embedding, fields, presets, use_txt2img = _train_settings_column(backend)
         with make_component(gr.Column, scale=4, elem_id="ti_train_results"):
             with gr.Row():
                 train = make_component(gr.Button, value="Train", variant="primary", elem_id="ti_train_button")
@@ -259,8 +269,11 @@ def train_tab(demo, backend: Backend):
             result = make_component(gr.Textbox, label="Embedding file", interactive=False, elem_id="ti_train_result")
             snapshot, promote, compare, snapshot_status = _snapshot_row(backend, embedding.value)
     inputs = [embedding, *fields.values()]
-    train.click(_starter(backend, False, list(fields)), inputs, status)
-    resume.click(_starter(backend, True, list(fields)), inputs, status)
+    txt2img = backend.txt2img_components() if use_txt2img is not None else {}
+    if txt2img:  # the web UI's txt2img components as inputs too: their values as they are at the click
+        inputs += [use_txt2img, *txt2img.values()]
+    train.click(_starter(backend, False, list(fields), list(txt2img)), inputs, status)
+    resume.click(_starter(backend, True, list(fields), list(txt2img)), inputs, status)
     interrupt.click(interrupt_training, None, status)
     for changed in (embedding.change, result.change):  # another embedding picked, or a run ended
         changed(lambda chosen: snapshot_choices(backend, chosen), embedding, snapshot)
@@ -340,11 +353,17 @@ def _line_plot(y: str, y_title: str, color_map: dict[str, str], height: int, lab
     )
 
 
-def _starter(backend: Backend, resume: bool, keys: list[str]) -> Callable[..., str]:
-    """The Train/Resume handler: the embedding's name, then the setting fields' values, passed on by key."""
+def _starter(backend: Backend, resume: bool, keys: list[str], txt2img_names: list[str]) -> Callable[..., str]:
+    """The Train/Resume handler: the embedding's name, then the setting fields' values, passed on by key; in
+    a web UI then the txt2img checkbox and the txt2img components' values (`txt2img_names`)."""
 
     def start(name: str | None, *values: Any) -> str:
-        return start_training(backend, resume, name, dict(zip(keys, values, strict=True)))
+        settings = dict(zip(keys, values[: len(keys)], strict=True))
+        note = ""
+        if txt2img_names and values[len(keys)]:
+            txt2img = dict(zip(txt2img_names, values[len(keys) + 1 :], strict=True))
+            settings, note = txt2img_previews(backend, settings, txt2img)
+        return start_training(backend, resume, name, settings, previews_note=note)
 
     return start
 
