@@ -35,6 +35,13 @@ class A1111Page(UiPage):
         box.click()
         box.fill(text)
 
+    def txt2img_settings(self) -> None:
+        """Show txt2img's Generation settings (its sampler, steps, size...), not an extra-networks list."""
+        self.top_tab("txt2img")
+        self.page.locator("#txt2img_extra_tabs > .tab-nav > button").filter(
+            has_text=re.compile(r"^\s*Generation\s*$")
+        ).first.click()
+
     def host_card(self, name: str, tabname: str = "txt2img"):
         """The web UI's own Textual Inversion card (extra networks) for `name`, with that list shown."""
         self.top_tab(tabname)

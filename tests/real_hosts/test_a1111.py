@@ -137,6 +137,11 @@ def test_create_in_the_tab_is_loaded_without_a_restart_and_in_the_web_uis_card_l
 
 def test_train_in_the_tab_writes_the_file_previews_and_loss_plot(page, webui, workspace, facts):
     path = _ensure_created(webui, workspace, facts)
+    # The previews take txt2img's settings as typed there (nothing saved): a two-line prompt is one prompt.
+    # Its size stays 512: a changed width or height makes A1111's own hires-fix handler throw in the page.
+    page.type_prompt(f"a photo of {TOKEN}\nin a park")
+    page.txt2img_settings()
+    page.fill("txt2img_steps", 2)
     page.open_ours()
     page.tab("Train")
     page.click("ti_train_refresh")
@@ -146,7 +151,8 @@ def test_train_in_the_tab_writes_the_file_previews_and_loss_plot(page, webui, wo
     page.fill("ti_train_resolution", 64)
     page.fill("ti_train_save_every", 0)
     page.fill("ti_train_preview_every", 2)
-    page.fill("ti_train_preview_steps", 2)
+    page.fill("ti_train_preview_seed", 77)
+    page.check("ti_train_preview_txt2img")
     assert page.dropdown_value("ti_train_embedding") == TOKEN
 
     figures, snapshot = measure_run(webui.url, webui.pid, lambda: page.click("ti_train_button"), timeout=LONG)
@@ -163,9 +169,21 @@ def test_train_in_the_tab_writes_the_file_previews_and_loss_plot(page, webui, wo
         "() => document.querySelectorAll('#ti_train_previews img').length >= 2", timeout=60_000
     )
     assert len(snapshot["losses"]) == 4
+    saved = json.loads((Path(snapshot["log_folder"]) / "settings.json").read_text(encoding="utf-8"))
+    # txt2img's own defaults for the rest: DPM++ 2M with the Automatic schedule (Karras), CFG 7, 512x512,
+    # seed -1 (random: the field's seed stays, so previews compare step to step).
+    taken = {key: saved[key] for key in ("preview_prompt", "preview_sampler", "preview_steps", "preview_seed")}
+    assert taken == {
+        "preview_prompt": f"a photo of {TOKEN} in a park",
+        "preview_sampler": "dpm++_2m_karras",
+        "preview_steps": 2,
+        "preview_seed": 77,
+    }, saved
+    assert (saved["preview_guidance"], saved["preview_width"], saved["preview_height"]) == (7.0, 512, 512), saved
     # gradio's LinePlot draws on a canvas (gradio 3.41, the web UI's) or as SVG (newer gradio).
     page.page.locator("#ti_train_loss_plot .marks").first.wait_for(timeout=60_000)  # Vega's drawing
     page.screenshot("a1111-train-finished")
+    page.check("ti_train_preview_txt2img", False)  # the later runs use the tab's own preview fields
 
     trained = _sha256(path)
     assert trained != facts.created_sha256
