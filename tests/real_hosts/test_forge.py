@@ -215,6 +215,15 @@ def test_create_in_the_tab_is_listed_by_forges_api_and_cards_without_a_refresh(
 def test_train_in_the_tab_shows_live_progress_and_the_prompt_uses_the_file(forge_page, forge, forge_workspace, facts):
     page = forge_page
     path = _ensure_created(forge, forge_workspace, facts)
+    # The previews take txt2img's settings as typed there (nothing saved): a two-line prompt is one prompt.
+    page.type_prompt(f"a photo of {TOKEN}\nin the snow")
+    page.txt2img_settings()
+    page.choose("txt2img_sampling", "DPM++ 2M")
+    page.choose("txt2img_scheduler", "Karras")
+    page.fill("txt2img_steps", 2)
+    shown = {
+        elem_id: float(page.value(elem_id)) for elem_id in ("txt2img_cfg_scale", "txt2img_width", "txt2img_height")
+    }
     page.open_ours()
     page.tab("Train")
     page.click("ti_train_refresh")
@@ -224,7 +233,8 @@ def test_train_in_the_tab_shows_live_progress_and_the_prompt_uses_the_file(forge
     page.fill("ti_train_resolution", 64)
     page.fill("ti_train_save_every", 0)
     page.fill("ti_train_preview_every", 2)
-    page.fill("ti_train_preview_steps", 2)
+    page.fill("ti_train_preview_seed", 77)
+    page.check("ti_train_preview_txt2img")
 
     figures, snapshot = measure_run(forge.url, forge.pid, lambda: page.click("ti_train_button"), timeout=LONG)
     facts.runs.append(figures)
@@ -236,7 +246,18 @@ def test_train_in_the_tab_shows_live_progress_and_the_prompt_uses_the_file(forge
     page.page.wait_for_function(
         "() => document.querySelectorAll('#ti_train_previews img').length >= 2", timeout=60_000
     )
+    saved = json.loads((Path(snapshot["log_folder"]) / "settings.json").read_text(encoding="utf-8"))
+    taken = {key: saved[key] for key in ("preview_prompt", "preview_sampler", "preview_steps", "preview_seed")}
+    assert taken == {
+        "preview_prompt": f"a photo of {TOKEN} in the snow",
+        "preview_sampler": "dpm++_2m_karras",
+        "preview_steps": 2,
+        "preview_seed": 77,  # txt2img's seed is -1 (random): the field's stays, so previews compare
+    }, saved
+    as_shown = (shown["txt2img_cfg_scale"], int(shown["txt2img_width"]), int(shown["txt2img_height"]))
+    assert (saved["preview_guidance"], saved["preview_width"], saved["preview_height"]) == as_shown, saved
     page.screenshot("forge-train-finished")
+    page.check("ti_train_preview_txt2img", False)  # the later runs use the tab's own preview fields
 
     assert _sha256(path) != facts.created_sha256
     info, _ = forge.txt2img(f"a photo of {TOKEN} in a park")
