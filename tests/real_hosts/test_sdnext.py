@@ -10,6 +10,7 @@ cores.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -27,7 +28,7 @@ from sdnext_kit import (
     kit_folder,
     required,
 )
-from ui_helpers import free_port, loopback_only, make_dataset
+from ui_helpers import ARTIFACTS, free_port, loopback_only, make_dataset
 
 BASELINE_PROMPT = "a lighthouse on a cliff at dusk"
 PAGE_TIMEOUT_MS = 600_000  # SD.Next's page on a busy 2-core machine
@@ -281,6 +282,37 @@ def test_sdxl_in_the_standard_theme(sdnext_standard_sdxl, sdnext_workspace, brow
         card.click()
         ui.wait_text("ti_embeddings_insert_status", r"Added sdn-xl to the txt2img prompt")
         assert re.search(r"\bsdn-xl\b", page.locator("#txt2img_prompt textarea").first.input_value())
+
+        # The previews take the Text tab's (txt2img's) settings as typed there; SD.Next's defaults there
+        # (sampler "Default", guidance -1: the model's own, seed -1) keep the tab's fields, and say so.
+        page.locator("#tabs > .tab-nav button:text-is('Text')").first.click()
+        page.locator("#txt2img_prompt textarea").first.fill("a photo of sdn-xl\nin the rain")
+        ui.fill("txt2img_steps", 3)
+        size = (int(float(ui.value("txt2img_width"))), int(float(ui.value("txt2img_height"))))
+        page.locator("#tabs > .tab-nav button", has_text="Textual Inversion").first.click()
+        ui.tab("Train")
+        ui.choose("ti_train_embedding", "sdn-xl")
+        for elem_id, value in (("ti_train_dataset", sdnext_workspace["data"]), ("ti_train_steps", 3),
+                               ("ti_train_resolution", 64), ("ti_train_preview_every", 0), ("ti_train_save_every", 0),
+                               ("ti_train_preview_seed", 77)):  # fmt: skip
+            ui.fill(elem_id, value)
+        ui.check("ti_train_preview_txt2img")
+        started = time.time()
+        ui.click("ti_train_resume")
+        status = ui.wait_text("ti_train_status", r"Previews from the txt2img tab|to step 3|rror")
+        snapshot = server.wait_run(started, timeout=1200)
+        assert snapshot["stopped"] == "done", (snapshot, status)
+        saved = json.loads((Path(snapshot["log_folder"]) / "settings.json").read_text(encoding="utf-8"))
+        taken = {key: saved[key] for key in ("preview_prompt", "preview_sampler", "preview_steps", "preview_seed")}
+        assert taken == {
+            "preview_prompt": "a photo of sdn-xl in the rain",
+            "preview_sampler": "dpm++_2m",  # the field's: "Default" has no counterpart
+            "preview_steps": 3,
+            "preview_seed": 77,
+        }, saved
+        assert (saved["preview_guidance"], saved["preview_width"], saved["preview_height"]) == (7.0, *size), saved
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "sdnext-standard-train-previews-from-txt2img.png"), full_page=True)
         assert not errors, errors
     finally:
         context.close()
