@@ -221,6 +221,8 @@ def test_train_in_the_tab_shows_live_progress_and_the_prompt_uses_the_file(forge
     page.choose("txt2img_sampling", "DPM++ 2M")
     page.choose("txt2img_scheduler", "Karras")
     page.fill("txt2img_steps", 2)
+    for side in ("txt2img_width", "txt2img_height"):  # small previews: full-size ones take minutes on a CPU
+        page.fill(side, 64)
     shown = {
         elem_id: float(page.value(elem_id)) for elem_id in ("txt2img_cfg_scale", "txt2img_width", "txt2img_height")
     }
