@@ -278,11 +278,7 @@ def train_tab(demo, backend: Backend):
     for changed in (embedding.change, result.change):  # another embedding picked, or a run ended
         changed(lambda chosen: snapshot_choices(backend, chosen), embedding, snapshot)
     promote.click(lambda *args: promote_action(backend, *args), [embedding, snapshot], snapshot_status)
-    compare.click(
-        lambda name, *values: compare_action(backend, name, list(fields), *values),
-        [embedding, *fields.values()],
-        snapshot_status,
-    )
+    compare.click(_comparer(backend, list(fields), list(txt2img)), inputs, snapshot_status)
     _wire_presets(backend, presets, fields, status)
     seen = gr.State({})
     by_name = {"progress": progress, "plot": plot, "previews": previews, "status": status, "result": result}
@@ -358,14 +354,30 @@ def _starter(backend: Backend, resume: bool, keys: list[str], txt2img_names: lis
     a web UI then the txt2img checkbox and the txt2img components' values (`txt2img_names`)."""
 
     def start(name: str | None, *values: Any) -> str:
-        settings = dict(zip(keys, values[: len(keys)], strict=True))
-        note = ""
-        if txt2img_names and values[len(keys)]:
-            txt2img = dict(zip(txt2img_names, values[len(keys) + 1 :], strict=True))
-            settings, note = txt2img_previews(backend, settings, txt2img)
+        settings, note = _settings_of(backend, keys, txt2img_names, values)
         return start_training(backend, resume, name, settings, previews_note=note)
 
     return start
+
+
+def _comparer(backend: Backend, keys: list[str], txt2img_names: list[str]) -> Callable[..., str]:
+    """The Compare snapshots handler: the same inputs as Train's, so the txt2img checkbox counts there too."""
+
+    def compare(name: str | None, *values: Any) -> str:
+        settings, note = _settings_of(backend, keys, txt2img_names, values)
+        return compare_action(backend, name, list(settings), *settings.values()) + note
+
+    return compare
+
+
+def _settings_of(backend: Backend, keys: list[str], txt2img_names: list[str], values: tuple) -> tuple[dict, str]:
+    """The setting fields' values by key, with the txt2img tab's preview settings when its checkbox (the value
+    after the fields) is ticked; and the status line saying what the previews take."""
+    settings = dict(zip(keys, values[: len(keys)], strict=True))
+    if not (txt2img_names and values[len(keys)]):
+        return settings, ""
+    txt2img = dict(zip(txt2img_names, values[len(keys) + 1 :], strict=True))
+    return txt2img_previews(backend, settings, txt2img)
 
 
 def _poll_values(seen: dict | None) -> tuple:
