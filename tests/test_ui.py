@@ -26,6 +26,7 @@ from ui_helpers import (
     make_dataset,
     require_chromium,
     require_module,
+    served_page,
     stop_app,
 )
 
@@ -734,13 +735,9 @@ def test_inside_a_host_page_cards_write_to_the_last_focused_prompt(browser, tiny
         gr.Textbox(label="Negative prompt", elem_id="txt2img_neg_prompt")
         tab.render()
         host_page.load(None, None, None, **extension.js_kwargs(extension.client_script()))  # the host's <head> script
-    port = free_port()
-    host_page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        loopback_only(page)
-        ui = UiPage(page, f"http://127.0.0.1:{port}/").open()
+    with served_page(browser, host_page) as ui:
+        page = ui.page
+        ui.open()
         ui.tab("Embeddings")  # opening the tab fills the library
         card = page.locator('#ti_embeddings_list .ti-card[data-ti-name="host-card"]')
         card.wait_for(timeout=30_000)
@@ -761,9 +758,6 @@ def test_inside_a_host_page_cards_write_to_the_last_focused_prompt(browser, tiny
         _failed_run(tmp_path)
         ui.wait_text("ti_train_status", r"Training failed: no model in this test")
         assert not ui.errors
-        context.close()
-    finally:
-        stop_app(host_page)
 
 
 class _BesideTxt2img(extension.StandaloneBackend):
@@ -814,13 +808,8 @@ def test_train_takes_the_previews_from_the_txt2img_tab_as_typed_when_ticked(
         txt2img_tab.render()
         tab.render()
         host_page.load(None, None, None, **extension.js_kwargs(extension.client_script()))
-    port = free_port()
-    host_page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        loopback_only(page)
-        ui = UiPage(page, f"http://127.0.0.1:{port}/").open()
+    with served_page(browser, host_page) as ui:
+        ui.open()
         ui.fill("txt2img_prompt", "a photo of from-txt2img\nin the snow")  # typed, never saved anywhere
         ui.fill("txt2img_neg_prompt", "blurry")
         ui.fill("txt2img_steps", 3)
@@ -847,9 +836,6 @@ def test_train_takes_the_previews_from_the_txt2img_tab_as_typed_when_ticked(
         assert (saved["preview_seed"], saved["preview_width"], saved["preview_height"]) == (1234, 64, 64)
         ui.screenshot(f"train-previews-from-txt2img-gradio{gr.__version__.split('.')[0]}")
         assert not ui.errors
-        context.close()
-    finally:
-        stop_app(host_page)
 
 
 @pytest.mark.ui
@@ -872,13 +858,8 @@ def test_a_card_goes_to_the_prompt_of_the_view_the_user_came_from(browser, tiny_
             with gr.Tab("Textual Inversion"):
                 tab.render()
         host_page.load(None, None, None, **extension.js_kwargs(extension.client_script()))
-    port = free_port()
-    host_page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        loopback_only(page)
-        ui = UiPage(page, f"http://127.0.0.1:{port}/")
+    with served_page(browser, host_page) as ui:
+        page = ui.page
         page.goto(ui.url)
         page.wait_for_selector("#txt2img_prompt", timeout=30_000)
         card = page.locator('#ti_embeddings_list .ti-card[data-ti-name="view-card"]')
@@ -906,9 +887,6 @@ def test_a_card_goes_to_the_prompt_of_the_view_the_user_came_from(browser, tiny_
         assert ui.value("img2img_prompt") == "" and ui.value("control_prompt") == "view-card"
         assert ui.value("txt2img_prompt") == ""
         assert not ui.errors
-        context.close()
-    finally:
-        stop_app(host_page)
 
 
 def _failed_run(tmp_path):

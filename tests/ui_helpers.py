@@ -15,6 +15,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,19 @@ class UiPage:
         path = ARTIFACTS / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=full_page)
         return path
+
+
+@contextlib.contextmanager
+def served_page(browser, blocks) -> Iterator[UiPage]:
+    """`blocks` (a page built as a web UI builds its own) served on a free local port, and a page of it in a
+    browser context of its own that reaches nothing off this machine; the server stops after."""
+    port = free_port()
+    blocks.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        loopback_only(page)
+        yield UiPage(page, f"http://127.0.0.1:{port}/")
+        context.close()
+    finally:
+        stop_app(blocks)

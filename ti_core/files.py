@@ -118,6 +118,24 @@ def list_snapshots(log_dir: Path, name: str) -> list[str]:
     return sorted(found, key=lambda step: (not step.isdigit(), int(step) if step.isdigit() else 0))
 
 
+# The grids that compare a run's images, in <log_dir>/<name>/images/<name>-<kind>.png: its previews by step
+# (written at the end of a run) and its snapshots rendered side by side (Compare snapshots).
+COMPARISON_GRIDS = ("by-step", "snapshots")
+
+
+def list_previews(log_dir: Path, name: str) -> list[tuple[int, Path]]:
+    """The run's preview images, `images/<name>-<step>.png`, as (step, path) by step."""
+    folder = Path(log_dir) / validate_name(name) / "images"
+    pattern = re.compile(rf"^{re.escape(name)}-(\d+)$")
+    found = [(int(match[1]), path) for path in folder.glob("*.png") if (match := pattern.match(path.stem))]
+    return sorted(found)
+
+
+def comparison_grid_path(log_dir: Path, name: str, kind: str) -> Path:
+    """`images/<name>-<kind>.png` of the run (kind: one of COMPARISON_GRIDS)."""
+    return Path(log_dir) / validate_name(name) / "images" / f"{name}-{kind}.png"
+
+
 def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 

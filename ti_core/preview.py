@@ -28,6 +28,11 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a several-prompt field: its non-empty lines, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def sampling_scheduler(name: str, scheduler: Any) -> Any:
     """The scheduler that samples with `name` (a SAMPLERS key; "model": `scheduler` itself)."""
     import diffusers
@@ -91,25 +96,18 @@ def render_image(
     return pipeline.image_processor.postprocess(image.float(), output_type="pil")[0]
 
 
-LABEL_HEIGHT = 18  # pixels of a grid's label strip: the default bitmap font is 11 px high
-
-
-def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str] = (), column_labels: Sequence[str] = ()):
+def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str] = ()):
     """PIL images laid out in rows (each row as many as the first; every image the first's size), with an
-    optional label strip on top of each column and left of each row. Missing labels leave no strip."""
+    optional label left of each row (no labels: no strip)."""
     from PIL import Image, ImageDraw
 
     width, height = rows[0][0].size
-    columns = len(rows[0])
     left = 8 + 7 * max((len(label) for label in row_labels), default=0) if row_labels else 0
-    top = LABEL_HEIGHT if column_labels else 0
-    grid = Image.new("RGB", (left + columns * width, top + len(rows) * height), "white")
+    grid = Image.new("RGB", (left + len(rows[0]) * width, len(rows) * height), "white")
     draw = ImageDraw.Draw(grid)
-    for column, label in enumerate(column_labels):
-        draw.text((left + column * width + 4, 3), label, fill="black")
     for row_index, row in enumerate(rows):
-        y = top + row_index * height
-        if row_index < len(row_labels):
+        y = row_index * height
+        if row_index < len(row_labels):  # the default bitmap font is 11 px high
             draw.text((4, y + height // 2 - 6), row_labels[row_index], fill="black")
         for column, image in enumerate(row):
             grid.paste(image.convert("RGB"), (left + column * width, y))

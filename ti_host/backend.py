@@ -81,6 +81,7 @@ class HostBackend(Backend):
         self._shared_model = None
         self._unshareable = lambda: None  # (weakref to) a web UI model that failed to map: not tried again
         self._training = False
+        self._checkpoint_word: tuple[tuple | None, bool | None] = (None, None)  # (checkpoint key, its ZTSNR word)
         self._shown_preview: str | None = None
         self.txt2img = Txt2imgCapture()  # fed by the web UI's after-component callback (scripts/)
 
@@ -153,7 +154,7 @@ class HostBackend(Backend):
             if self._training and not model.shares_weights:
                 _move_model(model, self.host.device())
             # Asked on every use: the web UI's setting may have changed since the model was built.
-            self._follow_noise_schedule(model, path, self.host.loaded_model())
+            self._follow_noise_schedule(model, path, key, self.host.loaded_model())
         return model
 
     def _at_hand(self, path: Path, key: tuple):
@@ -237,13 +238,16 @@ class HostBackend(Backend):
         self._shared_model = model
         return model
 
-    def _follow_noise_schedule(self, model, path: Path, owner: Any) -> None:
+    def _follow_noise_schedule(self, model, path: Path, key: tuple, owner: Any) -> None:
         """Zero terminal SNR (ti_core.zero_snr) when the checkpoint says so (its .yaml, marker key or metadata),
-        else as the web UI is set to sample it (its setting may change between runs); the checkpoint's word wins."""
+        else as the web UI is set to sample it (its setting may change between runs); the checkpoint's word wins.
+        The file's word is read once per checkpoint version (`key`)."""
         from ti_core.single_file import checkpoint_zero_terminal_snr
         from ti_core.zero_snr import with_zero_terminal_snr
 
-        said = checkpoint_zero_terminal_snr(path)
+        if self._checkpoint_word[0] != key:
+            self._checkpoint_word = (key, checkpoint_zero_terminal_snr(path))
+        said = self._checkpoint_word[1]
         on = said if said is not None else self.host.samples_with_zero_terminal_snr(owner)
         model.scheduler = with_zero_terminal_snr(model.scheduler, on)
 

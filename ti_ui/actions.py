@@ -233,21 +233,16 @@ def compare_action(backend: Backend, name: str | None, keys: Sequence[str], *val
     """Compare snapshots: the picked embedding's snapshots rendered with the tab's preview settings, as a job
     the progress and the previews gallery follow (ti_core.train.compare)."""
     from ti_core.config import TrainConfig
-    from ti_core.files import list_snapshots
 
     if not name:
         return status_html("Pick an embedding whose run saved snapshots first.", "error")
     settings = train_settings([dict(zip(keys, values, strict=True))], name=name, backend=backend, resume=True)
     settings["data"]["images"] = settings["data"].get("images") or "."  # the comparison reads no images
     try:
-        config = TrainConfig.from_dict(settings)
-        if not any(step.isdigit() for step in list_snapshots(backend.log_dir, name)):
-            raise ValueError(
-                f"{name} has no snapshots in {Path(backend.log_dir) / name}: train with "
-                "'Save a copy every N steps' above 0 first"
-            )
-        from ti_core.train import compare_snapshots
+        from ti_core.train.compare import compare_snapshots, compared_steps
 
+        config = TrainConfig.from_dict(settings)
+        compared_steps(config)  # none saved: said now, before the job and the model
         TrainingJob.start(backend.current_model, config, context=backend.training_context, work=compare_snapshots)
     except (ValueError, OSError, RuntimeError) as error:
         return error_html(error)
@@ -413,16 +408,13 @@ def run_history(folder: str | None, name: str) -> tuple[list[tuple[int, float]],
                 rows = []
             cached = _history_cache[str(path)] = (key, rows)
         losses = list(cached[1])
-    pattern = re.compile(rf"^{re.escape(name)}-(\d+)$")
-    images = []
-    for image in (root / "images").glob("*.png") if (root / "images").is_dir() else []:
-        match = pattern.match(image.stem)
-        if match:
-            images.append((int(match.group(1)), str(image)))
+    from ti_core.files import COMPARISON_GRIDS, comparison_grid_path, list_previews
+
+    previews = [str(path) for _, path in list_previews(root.parent, name)] if name else []
     # The comparisons come last, so the gallery (newest first) shows them first: the previews by step, and
     # the snapshots rendered side by side (Compare snapshots).
-    grids = [root / "images" / f"{name}-{kind}.png" for kind in ("by-step", "snapshots")]
-    return losses, [path for _, path in sorted(images)] + [str(grid) for grid in grids if grid.is_file()]
+    grids = [comparison_grid_path(root.parent, name, kind) for kind in COMPARISON_GRIDS] if name else []
+    return losses, previews + [str(grid) for grid in grids if grid.is_file()]
 
 
 def _preview_items(paths: Sequence[str]) -> list:

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..files import list_snapshots
+from ..files import comparison_grid_path, list_snapshots
 from ..formats import load_embedding
 from ..names import embedding_path
-from ..preview import image_grid
+from ..preview import image_grid, prompt_lines
 from ..timodel import TIModel
 from .events import TrainEvent, TrainResult
 from .outputs import STEP_GRID_ROWS, render_preview, spread_evenly
@@ -26,7 +26,7 @@ from .run_folder import RunFolder
 def comparison_prompts(config: TrainConfig, folder: Path) -> list[str]:
     """The setting's prompt lines; else the prompts the run's previews used (its settings.json); else a plain
     one with the token (a negative embedding's: without it)."""
-    lines = [line.strip() for line in config.preview_prompt.splitlines() if line.strip()]
+    lines = prompt_lines(config.preview_prompt)
     if lines:
         return lines
     try:
@@ -36,6 +36,18 @@ def comparison_prompts(config: TrainConfig, folder: Path) -> list[str]:
     if isinstance(recorded, list) and recorded and all(isinstance(line, str) for line in recorded):
         return recorded
     return ["a photo"] if config.negative_embedding else [f"a photo of {config.name}"]
+
+
+def compared_steps(config: TrainConfig) -> list[int]:
+    """The snapshot steps a comparison renders (at most STEP_GRID_ROWS, evenly spread, the last always in);
+    ValueError (one line, with the fix) when the run saved none."""
+    steps = [int(step) for step in list_snapshots(config.log_dir, config.name) if step.isdigit()]
+    if not steps:
+        folder = Path(config.log_dir) / config.name
+        raise ValueError(
+            f"{config.name} has no snapshots in {folder}: train with 'Save a copy every N steps' above 0 first"
+        )
+    return spread_evenly(steps, STEP_GRID_ROWS)
 
 
 def compare_snapshots(
@@ -50,12 +62,7 @@ def compare_snapshots(
     Reports a "step" event per snapshot and the grid as a "preview"."""
     emit = callback or (lambda event: None)
     run = RunFolder(config, write=True)
-    steps = [int(step) for step in list_snapshots(config.log_dir, config.name) if step.isdigit()]
-    if not steps:
-        raise ValueError(
-            f"{config.name} has no snapshots in {run.folder}: train with 'Save a copy every N steps' above 0 first"
-        )
-    picked = spread_evenly(steps, STEP_GRID_ROWS)
+    picked = compared_steps(config)
     prompts = comparison_prompts(config, run.folder)
     widths = {encoder.key: encoder.width for encoder in model.encoders}
     without: dict = {}  # a negative embedding's row without it is the same for every snapshot
@@ -71,7 +78,7 @@ def compare_snapshots(
         rows.append(render_preview(model, config.name, snapshot.vectors, prompts, config, without))
         emit(TrainEvent("step", index, len(picked), message=f"Rendered the snapshot of step {step}"))
     grid = image_grid([[image] for image in rows], row_labels=[f"step {step}" for step in picked])
-    path = run.save_image(grid, run.folder / "images" / f"{config.name}-snapshots.png")
+    path = run.save_image(grid, comparison_grid_path(config.log_dir, config.name, "snapshots"))
     message = f"Compared {len(picked)} snapshots of {config.name} (steps {picked[0]}-{picked[-1]}): {path}"
     emit(TrainEvent("preview", picked[-1], len(picked), path=path, image=grid, message=message))
     emit(TrainEvent("done", len(picked), len(picked), message=message))

@@ -17,7 +17,7 @@ from ..data import render_prompt
 from ..embedding import Embedding
 from ..formats import save_embedding
 from ..names import embedding_path
-from ..preview import image_grid, render_image, uncompiled
+from ..preview import image_grid, prompt_lines, render_image, uncompiled
 from ..prompt import encode_prompts
 from ..timodel import TIModel
 from .events import TrainEvent, TrainResult
@@ -121,7 +121,7 @@ def preview_prompts(dataset, template: list[str], config: TrainConfig) -> list[s
     """The preview prompts: the setting's lines, else one default. A normal embedding's default is a template
     line with the first image's caption; a negative embedding's is that caption alone (its previews put the
     token in the negative prompt, not in this one)."""
-    lines = [line.strip() for line in config.preview_prompt.splitlines() if line.strip()]
+    lines = prompt_lines(config.preview_prompt)
     if lines:
         return lines
     if config.negative_embedding:

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import math
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from ..atomic import atomic_write
 from ..config import TrainConfig
 from ..embedding import Embedding
+from ..files import comparison_grid_path, list_previews
 from ..formats import load_embedding, save_embedding_to
 from .lock import exclusive_lock
 
@@ -55,7 +55,7 @@ class RunFolder:
     best_path = property(lambda self: self.folder / f"{self.name}-best.safetensors")
     optimizer_path = property(lambda self: self.folder / f"{self.name}.optim.safetensors")
 
-    step_grid_path = property(lambda self: self.folder / "images" / f"{self.name}-by-step.png")
+    step_grid_path = property(lambda self: comparison_grid_path(self.config.log_dir, self.name, "by-step"))
 
     def image_path(self, step: int) -> Path:
         return self.folder / "images" / f"{self.name}-{step}.png"
@@ -70,10 +70,7 @@ class RunFolder:
 
     def preview_images(self) -> list[tuple[int, Path]]:
         """The previews in the images folder (this run's and earlier ones'), as (step, path) by step."""
-        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)$")
-        folder = self.folder / "images"
-        found = [(int(match[1]), path) for path in folder.glob("*.png") if (match := pattern.match(path.stem))]
-        return sorted(found)
+        return list_previews(self.config.log_dir, self.name)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
